@@ -1,0 +1,490 @@
+"""Load any Hugging Face language model and read (or replace) activations at named hooks.
+
+One code path serves a hub id, a local directory and the offline demo model (`demo`): the id is
+resolved to a source, the config is read first (so bad ids fail before any weight is fetched),
+then the weights are loaded in the requested dtype or quantization.
+
+Hooks are found generically. The decoder blocks are the longest `nn.ModuleList` in the model
+(GPT-2's `h`, GPT-NeoX's `layers`, Llama's `layers`, BERT's `layer`, ...). Inside a block, the
+attention and MLP modules are found by their usual names; architectures whose residual additions
+are not those modules' raw outputs (Gemma 2/3 and OLMo 2 normalise the sub-layer outputs, BERT
+adds them inside a post-LayerNorm) are mapped explicitly to the module whose output really is the
+update. So `layers.L.attn_out` always means "what attention adds to the residual stream".
+
+Partial loading: when only hooks up to layer L are needed, the config is cut to L+1 blocks before
+loading, so the later blocks' weights are never materialised, and the forward pass is stopped by
+an exception right after the last hook fires (no final norm, no head).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager, suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mistudio_core.errors import MistudioError
+from mistudio_core.hooks import HookPoint
+
+# `--model demo` is the offline demo model, built once and cached (mistudio_core.demo).
+DEMO_MODEL_ALIAS = "demo"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+QUANTIZATIONS = ("auto", "none", "8bit", "4bit")
+# From this size up, `--quantization auto` loads in 4-bit, as the original miStudio did.
+AUTO_4BIT_PARAMETERS = 8_000_000_000
+
+_ATTENTION_NAMES = ("self_attn", "attn", "attention", "self_attention")
+_MLP_NAMES = ("mlp", "feed_forward", "ffn", "block_sparse_moe")
+# Architectures that normalise a sub-layer's output before adding it to the residual stream.
+_OUTPUT_NORMS = {
+    "gemma2": ("post_attention_layernorm", "post_feedforward_layernorm"),
+    "gemma3": ("post_attention_layernorm", "post_feedforward_layernorm"),
+    "gemma3_text": ("post_attention_layernorm", "post_feedforward_layernorm"),
+    "olmo2": ("post_attention_layernorm", "post_feedforward_layernorm"),
+}
+# The order in which a block's hooks fire, to know which capture is the last one.
+_SITE_ORDER = {"resid_pre": 0, "attn_out": 1, "mlp_out": 2, "resid_post": 3}
+# BERT-family post-LN blocks: the update is the dense projection before dropout + LayerNorm.
+_BERT_OUTPUTS = ("attention.output.dense", "output.dense")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Which model to load and how: what a user passes as --model, --dtype, --quantization."""
+
+    model_id: str
+    revision: str | None = None
+    dtype: str = "auto"
+    quantization: str = "none"
+    device: str = "auto"
+    token: str | None = field(default=None, repr=False)
+
+
+def resolve_device(device: str) -> torch.device:
+    """`auto` is the first GPU when there is one, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as exc:
+        raise MistudioError(f"unknown device {device!r}", hint="use auto, cpu or cuda:N") from exc
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise MistudioError(
+            f"device {device} asked for, but this machine has no usable CUDA GPU",
+            hint="use --device cpu (or auto), or check nvidia-smi and the CUDA build of torch",
+        )
+    if resolved.type == "cuda" and (resolved.index or 0) >= torch.cuda.device_count():
+        raise MistudioError(
+            f"no GPU {device}: this machine has {torch.cuda.device_count()}",
+            hint="pick cuda:N with N below the GPU count",
+        )
+    return resolved
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """`auto` is bf16 on GPUs that have it, fp16 on older GPUs, fp32 on the CPU."""
+    name = DTYPE_ALIASES.get(dtype, dtype)
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if name not in DTYPES:
+        raise MistudioError(
+            f"unknown dtype {dtype!r}", hint="use auto, float32, bfloat16 or float16"
+        )
+    return DTYPES[name]
+
+
+def resolve_source(model_id: str) -> str:
+    """A local directory, the built-in demo model, or a hub id, as from_pretrained takes it."""
+    if model_id == DEMO_MODEL_ALIAS:
+        from mistudio_core.demo import ensure_demo_model
+
+        return str(ensure_demo_model())
+    path = Path(model_id).expanduser()
+    if path.is_dir():
+        return str(path)
+    if model_id.startswith((".", "/", "~")) or os.sep + os.sep in model_id:
+        raise MistudioError(
+            f"model directory {model_id} does not exist",
+            hint="check the path, or give a hub id such as EleutherAI/pythia-160m",
+        )
+    return model_id
+
+
+def load_config(spec: ModelSpec):
+    """Read the model's config only: the cheap first step that validates an id."""
+    from transformers import AutoConfig
+
+    source = resolve_source(spec.model_id)
+    with _explained_loading_errors(spec):
+        return AutoConfig.from_pretrained(source, revision=spec.revision, token=spec.token)
+
+
+def n_layers_of(config) -> int:
+    layers = getattr(config, "num_hidden_layers", None)
+    if not isinstance(layers, int):
+        raise MistudioError(
+            f"cannot tell how many layers a {config.model_type} model has",
+            hint="this architecture is not supported yet; try a decoder-only causal LM",
+        )
+    return layers
+
+
+def truncated_config(config, n_blocks: int):
+    """A copy of `config` that builds only the first `n_blocks` blocks (partial loading)."""
+    cut = copy.deepcopy(config)
+    cut.num_hidden_layers = n_blocks
+    # Per-layer lists (sliding/full attention patterns) must match the new depth.
+    for attribute in ("layer_types", "block_types"):
+        value = getattr(cut, attribute, None)
+        if isinstance(value, list):
+            setattr(cut, attribute, value[:n_blocks])
+    return cut
+
+
+def is_causal_lm(config) -> bool:
+    """Decoder-only LMs; BERT-like encoders count only when configured as decoders."""
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+
+    if type(config) not in AutoModelForCausalLM._model_mapping:
+        return False
+    is_encoder = type(config) in AutoModelForMaskedLM._model_mapping
+    return bool(getattr(config, "is_decoder", False)) or not is_encoder
+
+
+def resolve_quantization(spec: ModelSpec, config) -> str:
+    """`auto` means 4-bit from 8B parameters up, no quantization below."""
+    if spec.quantization not in QUANTIZATIONS:
+        raise MistudioError(
+            f"unknown quantization {spec.quantization!r}",
+            hint="use one of " + ", ".join(QUANTIZATIONS),
+        )
+    if spec.quantization != "auto":
+        return spec.quantization
+    from mistudio_core.memory import count_parameters
+
+    return "4bit" if count_parameters(config).total >= AUTO_4BIT_PARAMETERS else "none"
+
+
+def quantization_config(quantization: str, compute_dtype: torch.dtype):
+    """bitsandbytes settings: NF4 with double quantization for 4-bit, LLM.int8 for 8-bit."""
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "4bit":
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute_dtype,
+        )
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return None
+
+
+class _StopForward(Exception):
+    """Raised by the last capture hook so the layers after it never run."""
+
+
+@dataclass
+class HookedModel:
+    """A loaded model with its tokenizer and a map from hook names to its modules."""
+
+    model: nn.Module
+    tokenizer: object
+    config: object
+    spec: ModelSpec
+    device: torch.device
+    dtype: torch.dtype
+    quantization: str
+    n_layers: int  # the checkpoint's depth
+    blocks: nn.ModuleList  # the blocks actually loaded (fewer with partial loading)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.config.hidden_size)
+
+    @property
+    def model_type(self) -> str:
+        return self.config.model_type
+
+    @property
+    def has_lm_head(self) -> bool:
+        return hasattr(self.model, "get_output_embeddings") and (
+            self.model.get_output_embeddings() is not None
+        )
+
+    def module_for(self, hook: HookPoint) -> tuple[nn.Module, str]:
+        """The module a hook reads and whether it reads its `input` or its `output`."""
+        if hook.layer >= len(self.blocks):
+            loaded = len(self.blocks)
+            raise MistudioError(
+                f"hook {hook} is past the last loaded layer ({loaded - 1}; the model has "
+                f"{self.n_layers})",
+                hint=f"pick a layer from 0 to {self.n_layers - 1}",
+            )
+        block = self.blocks[hook.layer]
+        if hook.site == "resid_pre":
+            return block, "input"
+        if hook.site == "resid_post":
+            return block, "output"
+        index = 0 if hook.site == "attn_out" else 1
+        return _sublayer_output(block, self.model_type, index), "output"
+
+    def tokenize(self, texts: Sequence[str], max_length: int) -> dict[str, torch.Tensor]:
+        batch = self.tokenizer(
+            list(texts), return_tensors="pt", padding=True, truncation=True, max_length=max_length
+        )
+        return {name: tensor.to(self.device) for name, tensor in batch.items()}
+
+    @torch.no_grad()
+    def activations(
+        self,
+        input_ids: torch.Tensor,
+        hooks: Sequence[HookPoint],
+        attention_mask: torch.Tensor | None = None,
+    ) -> dict[HookPoint, torch.Tensor]:
+        """One forward pass, stopped after the deepest hook; [batch, seq, d] per hook."""
+        captured: dict[HookPoint, torch.Tensor] = {}
+        last = max(hooks, key=lambda h: (h.layer, _SITE_ORDER[h.site]))
+        with ExitStack() as stack:
+            for hook in hooks:
+                stack.enter_context(self._capture(hook, captured, stop=hook == last))
+            with suppress(_StopForward):
+                self.model(
+                    input_ids=input_ids.to(self.device),
+                    attention_mask=None if attention_mask is None else attention_mask.to(
+                        self.device
+                    ),
+                    use_cache=False,
+                )
+        return captured
+
+    @contextmanager
+    def replaced(
+        self, hook: HookPoint, replace: Callable[[torch.Tensor], torch.Tensor]
+    ) -> Iterator[None]:
+        """Within the block, the activation at `hook` is replaced by `replace(activation)`."""
+        module, where = self.module_for(hook)
+        if where == "input":
+
+            def pre_hook(_module, args, kwargs):
+                if args:
+                    return (replace(args[0]), *args[1:]), kwargs
+                return args, {**kwargs, "hidden_states": replace(kwargs["hidden_states"])}
+
+            handle = module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+        else:
+
+            def post_hook(_module, _args, output):
+                if isinstance(output, tuple):
+                    return (replace(output[0]), *output[1:])
+                return replace(output)
+
+            handle = module.register_forward_hook(post_hook)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    @contextmanager
+    def _capture(
+        self, hook: HookPoint, into: dict[HookPoint, torch.Tensor], stop: bool
+    ) -> Iterator[None]:
+        def keep(tensor: torch.Tensor) -> None:
+            into[hook] = tensor.detach()
+            if stop:
+                raise _StopForward
+
+        def identity_after_keep(tensor: torch.Tensor) -> torch.Tensor:
+            keep(tensor)
+            return tensor
+
+        with self.replaced(hook, identity_after_keep):
+            yield
+
+
+def _sublayer_output(block: nn.Module, model_type: str, index: int) -> nn.Module:
+    """The module whose output is what attention (index 0) or the MLP (1) adds to the stream."""
+    if model_type in _OUTPUT_NORMS:
+        return block.get_submodule(_OUTPUT_NORMS[model_type][index])
+    try:
+        return block.get_submodule(_BERT_OUTPUTS[index])
+    except AttributeError:
+        pass
+    names = _ATTENTION_NAMES if index == 0 else _MLP_NAMES
+    for name in names:
+        module = getattr(block, name, None)
+        if isinstance(module, nn.Module):
+            return module
+    kind = "attention" if index == 0 else "MLP"
+    raise MistudioError(
+        f"cannot find the {kind} module in a {model_type} block "
+        f"(children: {', '.join(n for n, _ in block.named_children())})",
+        hint="use a resid_pre or resid_post hook for this architecture",
+    )
+
+
+def find_blocks(model: nn.Module) -> nn.ModuleList:
+    """The decoder (or encoder) block stack: the longest ModuleList in the model."""
+    best: nn.ModuleList | None = None
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and (best is None or len(module) > len(best)):
+            best = module
+    if best is None:
+        raise MistudioError(
+            f"cannot find the layer stack of {type(model).__name__}",
+            hint="this architecture is not supported yet",
+        )
+    return best
+
+
+def load_model(
+    spec: ModelSpec, *, up_to_layer: int | None = None, with_lm_head: bool = False
+) -> HookedModel:
+    """Load a model for reading activations (partially, up to a layer) or for LM evals.
+
+    With `with_lm_head` the whole causal LM is loaded (CE-loss evals need every layer and the
+    unembedding). Otherwise the base model is loaded without its head, and with `up_to_layer`
+    only the blocks 0..up_to_layer.
+    """
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    source = resolve_source(spec.model_id)
+    config = load_config(spec)
+    n_layers = n_layers_of(config)
+    if up_to_layer is not None and not 0 <= up_to_layer < n_layers:
+        raise MistudioError(
+            f"layer {up_to_layer} does not exist: {spec.model_id} has {n_layers} layers",
+            hint=f"pick a layer from 0 to {n_layers - 1}",
+        )
+    if with_lm_head and not is_causal_lm(config):
+        raise MistudioError(
+            f"{spec.model_id} ({config.model_type}) is not a causal language model",
+            hint="LM-loss evals need a causal LM; the other metrics work without one",
+        )
+    device = resolve_device(spec.device)
+    dtype = resolve_dtype(spec.dtype, device)
+    quantization = resolve_quantization(spec, config)
+    if up_to_layer is not None and not with_lm_head:
+        config = truncated_config(config, up_to_layer + 1)
+
+    kwargs: dict = {"config": config, "revision": spec.revision, "token": spec.token}
+    kwargs["dtype"] = dtype
+    if quantization != "none":
+        kwargs["quantization_config"] = quantization_config(quantization, dtype)
+        kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
+    model_class = AutoModelForCausalLM if with_lm_head else AutoModel
+    with _explained_loading_errors(spec), _quiet_transformers():
+        model = model_class.from_pretrained(source, **kwargs)
+        tokenizer = _load_tokenizer(source, spec)
+    if quantization == "none":
+        model.to(device)
+    model.eval()
+    model.requires_grad_(False)
+    return HookedModel(
+        model=model,
+        tokenizer=tokenizer,
+        config=config,
+        spec=spec,
+        device=device,
+        dtype=dtype,
+        quantization=quantization,
+        n_layers=n_layers,
+        blocks=find_blocks(model),
+    )
+
+
+@contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """Partial loading leaves the later blocks' weights unused on purpose: do not report them."""
+    from transformers.utils import logging
+
+    verbosity = logging.get_verbosity()
+    bars = logging.is_progress_bar_enabled()
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(verbosity)
+        if bars:
+            logging.enable_progress_bar()
+
+
+def _load_tokenizer(source: str, spec: ModelSpec):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source, revision=spec.revision, token=spec.token)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    return tokenizer
+
+
+@contextmanager
+def _explained_loading_errors(spec: ModelSpec) -> Iterator[None]:
+    """Turn the many ways loading can fail into one MistudioError with a hint."""
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    name = spec.model_id
+    try:
+        yield
+    except MistudioError:
+        raise
+    except GatedRepoError as exc:
+        raise MistudioError(
+            f"{name} is gated: your account has not been granted access",
+            hint="accept its licence on the hub and pass --hf-token (or set HF_TOKEN)",
+            code="model_not_found",
+        ) from exc
+    except RepositoryNotFoundError as exc:
+        raise MistudioError(
+            f"model {name!r} was not found on the hub (or it is private)",
+            hint="check the id (owner/name), or pass --hf-token for a private model",
+            code="model_not_found",
+        ) from exc
+    except RevisionNotFoundError as exc:
+        raise MistudioError(
+            f"revision {spec.revision!r} of {name} does not exist",
+            hint="give a branch, tag or commit that exists",
+            code="model_not_found",
+        ) from exc
+    except HFValidationError as exc:
+        raise MistudioError(
+            f"{name!r} is neither a local model directory nor a valid hub id",
+            hint="give a directory holding config.json, or an id like EleutherAI/pythia-160m",
+            code="model_not_found",
+        ) from exc
+    except LocalEntryNotFoundError as exc:
+        raise MistudioError(
+            f"cannot fetch {name}: the hub is unreachable and it is not in the local cache",
+            hint="connect to the network once, or point --model at a local directory "
+            "(the offline demo model is --model demo)",
+            code="model_not_found",
+        ) from exc
+    except torch.OutOfMemoryError as exc:
+        raise MistudioError(
+            f"not enough memory to load {name}",
+            hint="run `mistudio check-memory` and pick --quantization 4bit or a lower --layer",
+            code="out_of_memory",
+        ) from exc
+    except (OSError, ValueError, KeyError) as exc:
+        raise MistudioError(
+            f"cannot load {name}: {exc}".strip(),
+            hint="check that the directory or repo holds a complete Hugging Face model "
+            "(config.json, weights, tokenizer) of a supported architecture",
+            code="model_not_found",
+        ) from exc

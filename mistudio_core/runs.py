@@ -1,0 +1,214 @@
+"""Jobs: the training and evaluation runs, from a plain description to files on disk.
+
+`mistudio train --local` and the daemon's workers both call `train_sae` and `evaluate_saved`, so a
+job does the same thing whichever way it is started. Progress goes to a callback as
+`(kind, payload)` events: `log`, `metrics`, `checkpoint`, `progress`, `result`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from mistudio_core import __version__
+from mistudio_core.activation_cache import ActivationCache, CachedActivationSource
+from mistudio_core.activations import ExtractionConfig, ModelActivationSource, ShuffledBatches
+from mistudio_core.corpus import Corpus
+from mistudio_core.errors import MistudioError
+from mistudio_core.evals import EvalResult, evaluate
+from mistudio_core.hooks import HookPoint
+from mistudio_core.models import (
+    ModelSpec,
+    is_causal_lm,
+    load_config,
+    load_model,
+    resolve_device,
+    resolve_dtype,
+)
+from mistudio_core.sae import SAEConfig, SAEMetadata, load_sae, save_sae
+from mistudio_core.train import Callback, TrainConfig, Trainer, silent
+
+# The shuffle buffer holds at most this many bytes of activations (and 2^18 tokens).
+_BUFFER_BYTES = 1 << 30
+_BUFFER_TOKENS = 1 << 18
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    """Everything `mistudio train` takes: which model, hook and data, and the SAE to train."""
+
+    model: ModelSpec
+    hook: str
+    corpus: str
+    out: str
+    architecture: str = "topk"
+    k: int = 32
+    expansion: int = 16
+    d_sae: int | None = None
+    l1_coefficient: float = 5.0
+    l0_coefficient: float = 0.01
+    extraction: ExtractionConfig = field(default_factory=ExtractionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    text_field: str = "text"
+    cache: str | None = None
+    resume: bool = False
+    eval_tokens: int = 0
+
+
+@dataclass
+class TrainResult:
+    path: Path
+    steps: int
+    final_metrics: dict
+    evaluation: EvalResult | None = None
+
+    def to_dict(self) -> dict:
+        return {
+            "path": str(self.path),
+            "steps": self.steps,
+            "final_metrics": self.final_metrics,
+            "evaluation": None if self.evaluation is None else self.evaluation.to_dict(),
+        }
+
+
+def train_sae(job: TrainJob, callback: Callback = silent) -> TrainResult:
+    """Train an SAE as `job` describes and save it in SAELens format under `job.out`."""
+    hook = HookPoint.parse(job.hook)
+    corpus = Corpus.open(job.corpus, job.text_field)
+    config = load_config(job.model)
+    d_in = int(config.hidden_size)
+    sae_config = SAEConfig(
+        architecture=job.architecture, d_in=d_in, d_sae=job.d_sae or job.expansion * d_in,
+        k=job.k, l1_coefficient=job.l1_coefficient, l0_coefficient=job.l0_coefficient,
+    )
+    device = resolve_device(job.model.device)
+    activation_dtype = resolve_dtype(job.model.dtype, device)
+    callback("log", {"message": f"training a {sae_config.architecture} SAE of "
+                                f"{sae_config.d_sae} latents on {job.model.model_id} {hook}"})
+
+    def model_source() -> ModelActivationSource:
+        callback("log", {"message": f"loading {job.model.model_id} up to layer {hook.layer}"})
+        model = load_model(job.model, up_to_layer=hook.layer)
+        return ModelActivationSource(model, corpus, [hook], job.extraction)
+
+    if job.cache:
+        key = _cache_key(job, corpus, hook, d_in)
+        cache = ActivationCache(Path(job.cache), key, activation_dtype)
+        source = CachedActivationSource(cache, model_source)
+    else:
+        source = model_source()
+    batches = ShuffledBatches(
+        source, [hook], job.train.batch_tokens, _block_chunks(job, d_in), job.train.seed, device
+    )
+    out = Path(job.out)
+    trainer = Trainer(sae_config, job.train, batches, hook, out, device, callback)
+    try:
+        sae = trainer.run(resume=job.resume)
+    finally:
+        if job.cache:
+            cache.flush()
+    metrics = _last_metrics(out)
+    sae.fold_input_scale()
+    training = {
+        "mistudio_version": __version__,
+        "model_id": job.model.model_id,
+        "model_revision": job.model.revision,
+        "quantization": job.model.quantization,
+        "hook": hook.name,
+        "corpus": str(corpus.path),
+        "corpus_sha256": corpus.fingerprint(),
+        "seed": job.train.seed,
+        "train_config": asdict(job.train),
+        "extraction": asdict(job.extraction),
+        "steps": trainer.step,
+        "metrics": metrics,
+    }
+    metadata = SAEMetadata(
+        model_name=job.model.model_id,
+        hook_name=hook.name,
+        context_size=job.extraction.context_size,
+        prepend_bos=job.extraction.prepend_bos,
+        exclude_special_tokens=job.extraction.exclude_special_tokens,
+        dataset_path=str(corpus.path),
+        model_class_name=config.architectures[0] if getattr(config, "architectures", None)
+        else None,
+    )
+    save_sae(sae, out, metadata, training)
+    result = TrainResult(out, trainer.step, metrics)
+    if job.eval_tokens:
+        result.evaluation = evaluate_saved(
+            out, job.model, job.corpus, job.eval_tokens, job.text_field, callback
+        )
+    callback("result", result.to_dict())
+    return result
+
+
+def evaluate_saved(
+    sae_dir: str | Path,
+    model: ModelSpec,
+    corpus: str,
+    n_tokens: int,
+    text_field: str = "text",
+    callback: Callback = silent,
+    batch_windows: int = 8,
+) -> EvalResult:
+    """Evaluate a saved SAE on `n_tokens` of a corpus; the result is also written beside it."""
+    loaded = load_sae(sae_dir)
+    if not loaded.metadata.hook_name:
+        raise MistudioError(
+            f"the SAE in {sae_dir} does not say which hook it reads",
+            hint="its cfg.json needs metadata.hook_name (layers.L.SITE)",
+            code="bad_sae",
+        )
+    hook = HookPoint.parse(loaded.metadata.hook_name)
+    if is_causal_lm(load_config(model)):
+        hooked = load_model(model, with_lm_head=True)
+    else:  # encoders: reconstruction metrics only, so load just the blocks up to the hook
+        hooked = load_model(model, up_to_layer=hook.layer)
+    if hooked.hidden_size != loaded.sae.config.d_in:
+        raise MistudioError(
+            f"the SAE reads {loaded.sae.config.d_in}-wide activations but {model.model_id} "
+            f"has width {hooked.hidden_size}",
+            hint="evaluate the SAE with the model it was trained on",
+            code="bad_sae",
+        )
+    loaded.sae.to(hooked.device)
+    extraction = ExtractionConfig(
+        context_size=loaded.metadata.context_size,
+        batch_windows=batch_windows,
+        prepend_bos=loaded.metadata.prepend_bos,
+    )
+    result = evaluate(
+        loaded.sae, hooked, Corpus.open(corpus, text_field), hook, extraction, n_tokens,
+        callback,
+    )
+    result.save(Path(sae_dir))
+    return result
+
+
+def _cache_key(job: TrainJob, corpus: Corpus, hook: HookPoint, d_in: int) -> dict:
+    return {
+        "model_id": job.model.model_id,
+        "revision": job.model.revision,
+        "quantization": job.model.quantization,
+        "hooks": [hook.name],
+        "d_in": d_in,
+        "corpus_sha256": corpus.fingerprint(),
+        "text_field": job.text_field,
+        **asdict(job.extraction),
+    }
+
+
+def _block_chunks(job: TrainJob, d_in: int) -> int:
+    """Chunks per shuffle block: about 2^18 tokens, within 1 GiB, at least two batches."""
+    tokens_per_chunk = job.extraction.batch_windows * job.extraction.context_size
+    budget = min(_BUFFER_TOKENS, _BUFFER_BYTES // (4 * d_in))
+    budget = max(budget, 2 * job.train.batch_tokens)
+    return max(1, math.ceil(budget / tokens_per_chunk))
+
+
+def _last_metrics(run_dir: Path) -> dict:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return json.loads(lines[-1]) if lines else {}
