@@ -441,7 +441,16 @@ def _explained_loading_errors(spec: ModelSpec) -> Iterator[None]:
 
     name = spec.model_id
     try:
-        yield
+        try:
+            yield
+        except OSError as exc:
+            # transformers wraps the hub's errors in OSError: raise the hub's own error instead.
+            cause = _hub_cause(exc, (GatedRepoError, RepositoryNotFoundError,
+                                     RevisionNotFoundError, HFValidationError,
+                                     LocalEntryNotFoundError))
+            if cause is None:
+                raise
+            raise cause from exc
     except MistudioError:
         raise
     except GatedRepoError as exc:
@@ -488,3 +497,15 @@ def _explained_loading_errors(spec: ModelSpec) -> Iterator[None]:
             "(config.json, weights, tokenizer) of a supported architecture",
             code="model_not_found",
         ) from exc
+
+
+def _hub_cause(exc: BaseException, kinds: tuple[type[BaseException], ...]):
+    """The first exception of one of `kinds` in `exc`'s chain of causes, if any."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, kinds):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None

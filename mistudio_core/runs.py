@@ -202,9 +202,10 @@ def _cache_key(job: TrainJob, corpus: Corpus, hook: HookPoint, d_in: int) -> dic
 
 
 def _block_chunks(job: TrainJob, d_in: int) -> int:
-    """Chunks per shuffle block: about 2^18 tokens, within 1 GiB, at least two batches."""
+    """Chunks per shuffle block: up to 2^18 tokens within 1 GiB, no more than the run needs,
+    and at least two batches' worth so that every block yields a batch."""
     tokens_per_chunk = job.extraction.batch_windows * job.extraction.context_size
-    budget = min(_BUFFER_TOKENS, _BUFFER_BYTES // (4 * d_in))
+    budget = min(_BUFFER_TOKENS, _BUFFER_BYTES // (4 * d_in), job.train.total_tokens)
     budget = max(budget, 2 * job.train.batch_tokens)
     return max(1, math.ceil(budget / tokens_per_chunk))
 

@@ -153,8 +153,13 @@ def _config_from_saelens(cfg: dict, training: dict, directory: Path) -> SAEConfi
             f"{directory / CFG_FILE} lacks d_in/d_sae", hint="the config is damaged",
             code="bad_sae",
         ) from exc
-    k = cfg.get("k") or stored.get("k", 32)
-    return SAEConfig(architecture=ours, d_in=d_in, d_sae=d_sae, k=int(k))
+    k = cfg.get("k") or stored.get("k")
+    if ours == "topk" and k is None:
+        raise MistudioError(
+            f"{directory / CFG_FILE} is a topk SAE without k", hint="add \"k\" to cfg.json",
+            code="bad_sae",
+        )
+    return SAEConfig(architecture=ours, d_in=d_in, d_sae=d_sae, k=int(k or min(32, d_sae)))
 
 
 def _load_weights(sae: SparseAutoencoder, tensors: dict, cfg: dict, directory: Path) -> None:
