@@ -114,6 +114,7 @@ def resolve_source(model_id: str) -> str:
         raise MistudioError(
             f"model directory {model_id} does not exist",
             hint="check the path, or give a hub id such as EleutherAI/pythia-160m",
+            code="model_not_found",
         )
     return model_id
 
@@ -135,6 +136,16 @@ def n_layers_of(config) -> int:
             hint="this architecture is not supported yet; try a decoder-only causal LM",
         )
     return layers
+
+
+def check_layer(config, layer: int, model_id: str) -> None:
+    """Refuse a layer the model does not have, before anything is loaded."""
+    n_layers = n_layers_of(config)
+    if not 0 <= layer < n_layers:
+        raise MistudioError(
+            f"layer {layer} does not exist: {model_id} has {n_layers} layers",
+            hint=f"pick a layer from 0 to {n_layers - 1}",
+        )
 
 
 def truncated_config(config, n_blocks: int):
@@ -360,11 +371,8 @@ def load_model(
     source = resolve_source(spec.model_id)
     config = load_config(spec)
     n_layers = n_layers_of(config)
-    if up_to_layer is not None and not 0 <= up_to_layer < n_layers:
-        raise MistudioError(
-            f"layer {up_to_layer} does not exist: {spec.model_id} has {n_layers} layers",
-            hint=f"pick a layer from 0 to {n_layers - 1}",
-        )
+    if up_to_layer is not None:
+        check_layer(config, up_to_layer, spec.model_id)
     if with_lm_head and not is_causal_lm(config):
         raise MistudioError(
             f"{spec.model_id} ({config.model_type}) is not a causal language model",

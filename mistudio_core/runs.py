@@ -21,6 +21,7 @@ from mistudio_core.evals import EvalResult, evaluate
 from mistudio_core.hooks import HookPoint
 from mistudio_core.models import (
     ModelSpec,
+    check_layer,
     is_causal_lm,
     load_config,
     load_model,
@@ -78,6 +79,7 @@ def train_sae(job: TrainJob, callback: Callback = silent) -> TrainResult:
     hook = HookPoint.parse(job.hook)
     corpus = Corpus.open(job.corpus, job.text_field)
     config = load_config(job.model)
+    check_layer(config, hook.layer, job.model.model_id)
     d_in = int(config.hidden_size)
     sae_config = SAEConfig(
         architecture=job.architecture, d_in=d_in, d_sae=job.d_sae or job.expansion * d_in,

@@ -1,0 +1,120 @@
+"""The `mistudio` command line: results, --json documents, exit codes and error hints."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from mistudiod.cli import main
+
+
+@pytest.fixture(scope="module")
+def model_dir(make_tiny_model):
+    return str(make_tiny_model("gpt2", n_layers=3))
+
+
+def _run(capsys, *argv) -> tuple[int, dict]:
+    status = main([*argv, "--json"])
+    out = capsys.readouterr().out
+    return status, json.loads(out)
+
+
+def _train_args(model_dir, corpus, out, *extra) -> list[str]:
+    return ["train", "--local", "--model", model_dir, "--hook", "layers.1.resid_post",
+            "--corpus", str(corpus), "--out", str(out), "--tokens", "4096",
+            "--batch-tokens", "512", "--context-size", "32", "--expansion", "2", "--k", "4",
+            "--checkpoint-every", "4", *extra]
+
+
+def test_train_then_eval(capsys, model_dir, tiny_corpus, tmp_path):
+    status, document = _run(capsys, *_train_args(model_dir, tiny_corpus, tmp_path / "sae"))
+    assert status == 0 and document["ok"] is True
+    assert document["steps"] == 8
+    assert 0 < document["final_metrics"]["l0"] <= 4
+    status, document = _run(capsys, "eval", "--local", str(tmp_path / "sae"), "--model",
+                            model_dir, "--corpus", str(tiny_corpus), "--tokens", "500")
+    assert status == 0
+    evaluation = document["evaluation"]
+    assert evaluation["n_tokens"] >= 500
+    assert evaluation["ce_loss_recovered"] is not None
+    assert (tmp_path / "sae" / "eval.json").exists()
+
+
+def test_resume_from_the_command_line(capsys, model_dir, tiny_corpus, tmp_path):
+    assert _run(capsys, *_train_args(model_dir, tiny_corpus, tmp_path / "a"))[0] == 0
+    status, document = _run(capsys, *_train_args(model_dir, tiny_corpus, tmp_path / "a",
+                                                 "--tokens", "8192", "--resume"))
+    assert status == 0 and document["steps"] == 16
+
+
+@pytest.mark.parametrize(
+    ("change", "code", "words"),
+    [
+        ({"--model": "./missing-model"}, "model_not_found", "does not exist"),
+        ({"--corpus": "missing.jsonl"}, "bad_corpus", "does not exist"),
+        ({"--hook": "layers.1.resid_middle"}, "bad_input", "unknown hook"),
+        ({"--hook": "layers.7.resid_post"}, "bad_input", "layer 7 does not exist"),
+        ({"--k": "0"}, "bad_usage", "--k"),
+        ({"--tokens": "lots"}, "bad_usage", "--tokens"),
+        ({"--device": "cuda:3"}, "bad_input", "cuda"),
+    ],
+)
+def test_user_mistakes_exit_2_with_a_hint(capsys, model_dir, tiny_corpus, tmp_path, change,
+                                          code, words):
+    argv = _train_args(model_dir, tiny_corpus, tmp_path / "x")
+    for flag, value in change.items():
+        if flag in argv:
+            argv[argv.index(flag) + 1] = value
+        else:
+            argv += [flag, value]
+    status, document = _run(capsys, *argv)
+    assert status == 2
+    assert document["ok"] is False
+    assert document["error"]["code"] == code
+    assert words in document["error"]["message"]
+    assert document["error"]["hint"]
+
+
+def test_job_commands_need_local_until_the_daemon_exists(capsys, model_dir, tiny_corpus,
+                                                         tmp_path):
+    argv = _train_args(model_dir, tiny_corpus, tmp_path / "x")
+    argv.remove("--local")
+    status, document = _run(capsys, *argv)
+    assert status == 2 and document["error"]["code"] == "no_daemon"
+    assert "--local" in document["error"]["hint"]
+
+
+def test_check_memory(capsys, model_dir):
+    status, document = _run(capsys, "check-memory", model_dir, "--layer", "1")
+    assert status == 0
+    assert document["recommended_quantization"] == "none"
+    assert document["parameters"]["total"] > 0
+    status, document = _run(capsys, "check-memory", model_dir, "--layer", "5")
+    assert status == 2 and "layer" in document["error"]["message"]
+
+
+def test_unknown_command_is_a_usage_error(capsys):
+    status, document = _run(capsys, "frobnicate")
+    assert status == 2 and document["error"]["code"] == "bad_usage"
+
+
+def test_the_installed_entry_point_prints_only_json_on_stdout(model_dir, tiny_corpus, tmp_path):
+    argv = _train_args(model_dir, tiny_corpus, tmp_path / "sae", "--eval-tokens", "300")
+    completed = subprocess.run(
+        [sys.executable, "-m", "mistudiod.cli", *argv, "--json"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert completed.returncode == 0, completed.stderr
+    document = json.loads(completed.stdout)
+    assert document["evaluation"]["n_tokens"] >= 300
+    assert "training a topk SAE" in completed.stderr  # logs go to stderr
+    human = subprocess.run(
+        [sys.executable, "-m", "mistudiod.cli", "eval", "--local", str(tmp_path / "sae"),
+         "--model", model_dir, "--corpus", str(tiny_corpus), "--tokens", "300"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert human.returncode == 0, human.stderr
+    assert "FVE" in human.stdout and "CE clean" in human.stdout
