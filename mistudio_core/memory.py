@@ -29,10 +29,10 @@ import torch
 from accelerate import init_empty_weights
 from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM, PreTrainedConfig
-from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
 from transformers.pytorch_utils import Conv1D
 
 from mistudio_core.errors import MistudioError
+from mistudio_core.models import find_blocks, is_encoder
 
 QUANTIZATIONS = ("none", "8bit", "4bit")
 
@@ -103,7 +103,7 @@ def count_parameters(config: PreTrainedConfig) -> ParameterCount:
     embeddings counts as 0.
     """
     model = _build_empty(config)
-    blocks = _block_list(model)
+    blocks = find_blocks(model)
     n_layers = len(blocks)
     counted: set[int] = set()
     block_total = _claim(blocks.parameters(), counted)
@@ -122,17 +122,9 @@ def count_parameters(config: PreTrainedConfig) -> ParameterCount:
     )
 
 
-def _is_encoder(config: PreTrainedConfig) -> bool:
-    """BERT-like models (those with a masked-LM head) are read through `AutoModel`: their causal-LM
-    class is a side use that adds a head nobody runs. A config marked `is_decoder` is believed."""
-    return config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(
-        config, "is_decoder", False
-    )
-
-
 def _build_empty(config: PreTrainedConfig) -> nn.Module:
     """The model with every parameter on the meta device: real shapes, no memory, no download."""
-    auto_classes = (AutoModel,) if _is_encoder(config) else (AutoModelForCausalLM, AutoModel)
+    auto_classes = (AutoModel,) if is_encoder(config) else (AutoModelForCausalLM, AutoModel)
     for auto_class in auto_classes:
         try:
             with init_empty_weights():
@@ -147,16 +139,6 @@ def _build_empty(config: PreTrainedConfig) -> nn.Module:
         f"transformers cannot build a model of type {config.model_type!r}",
         hint="use a causal language model or encoder that your transformers version supports",
     )
-
-
-def _block_list(model: nn.Module) -> nn.ModuleList:
-    lists = [module for module in model.modules() if isinstance(module, nn.ModuleList)]
-    if not lists:
-        raise MistudioError(
-            f"found no list of layers in {type(model).__name__}",
-            hint="this architecture keeps its blocks outside an nn.ModuleList and is unsupported",
-        )
-    return max(lists, key=len)
 
 
 def _claim(parameters: Iterable[nn.Parameter], counted: set[int]) -> int:
@@ -474,7 +456,7 @@ def preflight(
     device = max(devices or available_devices(), key=lambda d: d.free_bytes)
     hidden = config.get_text_config().hidden_size
     sae = sae_bytes(hidden, d_sae or SAE_EXPANSION * hidden)
-    has_logits = not _is_encoder(config)
+    has_logits = not is_encoder(config)
 
     def estimates(at_layer: int | None) -> list[MemoryEstimate]:
         per_token = activation_bytes_per_token(

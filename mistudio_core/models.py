@@ -160,14 +160,20 @@ def truncated_config(config, n_blocks: int):
     return cut
 
 
-def is_causal_lm(config) -> bool:
-    """Decoder-only LMs; BERT-like encoders count only when configured as decoders."""
-    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+def is_encoder(config) -> bool:
+    """BERT-like models (those with a masked-LM head), unless their config makes them decoders."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
-    if type(config) not in AutoModelForCausalLM._model_mapping:
-        return False
-    is_encoder = type(config) in AutoModelForMaskedLM._model_mapping
-    return bool(getattr(config, "is_decoder", False)) or not is_encoder
+    return config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(
+        config, "is_decoder", False
+    )
+
+
+def is_causal_lm(config) -> bool:
+    """Decoder-only LMs: the models whose next-token loss an SAE can be judged by."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not is_encoder(config)
 
 
 def resolve_quantization(spec: ModelSpec, config) -> str:
