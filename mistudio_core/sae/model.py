@@ -122,8 +122,9 @@ class SparseAutoencoder(nn.Module):
             codes = self._train_topk_codes(x)
             x_hat = sparse_decode(codes, self.W_dec) + self.b_dec
             sparsity = x.new_zeros(())
-            fired = torch.bincount(codes.cols[codes.values > 0], minlength=self.config.d_sae)
-            l0 = (codes.values > 0).sum() / x.shape[0]
+            active = (codes.values > 0).to(x.dtype)
+            fired = torch.bincount(codes.cols, weights=active, minlength=self.config.d_sae)
+            l0 = active.sum() / x.shape[0]
         else:
             pre = self.preactivations(x)
             if architecture == "relu":
@@ -140,8 +141,8 @@ class SparseAutoencoder(nn.Module):
             fired = active.sum(0)
             l0 = active.sum() / x.shape[0]
         error = x - x_hat
-        squared = error.pow(2).sum()
-        total_variance = (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
+        squared = _squared_norm(error)
+        total_variance = (x.var(0, correction=0).sum() * x.shape[0]).clamp_min(1e-12)
         fvu = squared / total_variance
         mse = squared / x.shape[0]
         aux = self._aux_k_loss(x, error.detach(), dead_mask, total_variance)
@@ -153,10 +154,14 @@ class SparseAutoencoder(nn.Module):
                            l0.detach(), fired.detach())
 
     def _topk_preactivations(self, x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        centered = x - self.b_dec
-        block = _CPU_ENCODE_BLOCK_ROWS if x.device.type == "cpu" else x.shape[0]
+        return self._topk_of_centered(x - self.b_dec, k)
+
+    def _topk_of_centered(
+        self, centered: torch.Tensor, k: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        block = _CPU_ENCODE_BLOCK_ROWS if centered.device.type == "cpu" else centered.shape[0]
         values, indices = [], []
-        for start in range(0, x.shape[0], block):
+        for start in range(0, centered.shape[0], block):
             pre = F.linear(centered[start : start + block], self.encoder_weight, self.b_enc)
             top = pre.topk(k, dim=1, sorted=False)
             values.append(top.values)
@@ -165,16 +170,16 @@ class SparseAutoencoder(nn.Module):
 
     def _train_topk_codes(self, x: torch.Tensor) -> SparseCodes:
         """Active latents with values that carry sparse gradients into the encoder."""
+        centered = x - self.b_dec
         with torch.no_grad():
             if self.config.architecture == "topk":
-                values, indices = self._topk_preactivations(x, self.config.k)
+                values, indices = self._topk_of_centered(centered.detach(), self.config.k)
                 codes = SparseCodes.from_topk(values, indices, self.config.d_sae)
             else:
                 codes = self._batch_topk_selection(x)
-        chosen = select_preactivations(
-            x - self.b_dec, self.encoder_weight, self.b_enc, codes.values, codes.cols, codes.crow
+        codes.values = F.relu(
+            select_preactivations(centered, self.encoder_weight, self.b_enc, codes)
         )
-        codes.values = F.relu(chosen)
         return codes
 
     def _batch_topk_selection(self, x: torch.Tensor) -> SparseCodes:
@@ -205,15 +210,13 @@ class SparseAutoencoder(nn.Module):
             pre = F.linear(centered, self.encoder_weight[dead], self.b_enc[dead])
             top = pre.topk(k_aux, dim=1, sorted=False)
         codes = SparseCodes.from_topk(top.values, dead[top.indices], self.config.d_sae)
-        chosen = select_preactivations(
-            centered.detach(), self.encoder_weight, self.b_enc, codes.values, codes.cols,
-            codes.crow,
+        codes.values = F.relu(
+            select_preactivations(centered.detach(), self.encoder_weight, self.b_enc, codes)
         )
-        codes.values = F.relu(chosen)
         error_hat = sparse_decode(codes, self.W_dec)
         # Scaled down while fewer latents are dead than k_aux, as in the paper.
         scale = min(dead.numel() / self.config.resolved_aux_k, 1.0)
-        aux = (error_hat - error).pow(2).sum() / total_variance
+        aux = _squared_norm(error_hat - error) / total_variance
         return self.config.aux_k_coefficient * scale * aux
 
     # ----- constraints and folding -------------------------------------------------------------
@@ -229,8 +232,8 @@ class SparseAutoencoder(nn.Module):
         if not self.config.unit_norm_decoder or self.W_dec.grad is None:
             return
         grad = self.W_dec.grad
-        parallel = (grad * self.W_dec).sum(dim=1, keepdim=True)
-        grad.sub_(parallel * self.W_dec)
+        parallel = torch.linalg.vecdot(grad, self.W_dec, dim=1).unsqueeze(1)
+        grad.addcmul_(parallel, self.W_dec, value=-1.0)
 
     @torch.no_grad()
     def normalize_decoder(self) -> None:
@@ -245,3 +248,9 @@ class SparseAutoencoder(nn.Module):
         self.W_dec.div_(scale)
         self.b_dec.div_(scale)
         self.input_scale = 1.0
+
+
+def _squared_norm(tensor: torch.Tensor) -> torch.Tensor:
+    """sum(tensor**2) in one pass, without materialising tensor**2."""
+    flat = tensor.reshape(-1)
+    return torch.dot(flat, flat)

@@ -28,33 +28,32 @@ warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta"
 
 @dataclass
 class SparseCodes:
-    """Active latents of a batch in CSR layout: row r holds cols[crow[r]:crow[r+1]]."""
+    """Active latents of a batch in CSR layout: row r holds cols[crow[r]:crow[r+1]], with the
+    row of every entry in `rows`. Columns need not be sorted within a row: none of the kernels
+    here (embedding_bag, sampled_addmm, COO matmul) depends on that order."""
 
     values: torch.Tensor
     cols: torch.Tensor
     crow: torch.Tensor
+    rows: torch.Tensor
     n_latents: int
 
     @property
     def n_rows(self) -> int:
         return self.crow.numel() - 1
 
-    def rows(self) -> torch.Tensor:
-        return _rows(self.crow)
-
     def to_dense(self) -> torch.Tensor:
         dense = self.values.new_zeros(self.n_rows, self.n_latents)
-        dense[self.rows(), self.cols] = self.values
+        dense[self.rows, self.cols] = self.values
         return dense
 
     @classmethod
     def from_topk(cls, values: torch.Tensor, indices: torch.Tensor, n_latents: int) -> SparseCodes:
-        """Codes with the same number of entries per row, sorted by latent within each row."""
-        indices, order = indices.sort(dim=1)
-        values = values.gather(1, order)
+        """Codes with the same number of entries, k, in every row."""
         n_rows, k = indices.shape
         crow = torch.arange(0, n_rows * k + 1, k, device=indices.device)
-        return cls(values.reshape(-1), indices.reshape(-1), crow, n_latents)
+        rows = torch.arange(n_rows, device=indices.device).repeat_interleave(k)
+        return cls(values.reshape(-1), indices.reshape(-1), crow, rows, n_latents)
 
     @classmethod
     def from_coordinates(
@@ -66,13 +65,7 @@ class SparseCodes:
         rows, cols, values = rows[order], cols[order], values[order]
         crow = torch.zeros(n_rows + 1, dtype=torch.long, device=rows.device)
         crow[1:] = torch.bincount(rows, minlength=n_rows).cumsum(0)
-        return cls(values, cols, crow, n_latents)
-
-
-def _rows(crow: torch.Tensor) -> torch.Tensor:
-    """The row index of every CSR entry."""
-    n_rows = crow.numel() - 1
-    return torch.repeat_interleave(torch.arange(n_rows, device=crow.device), crow[1:] - crow[:-1])
+        return cls(values, cols, crow, rows, n_latents)
 
 
 def _latent_major(rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, n_rows: int,
@@ -85,13 +78,14 @@ def _latent_major(rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, 
 
 class _SelectPreactivations(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, chosen, cols, crow):
-        ctx.save_for_backward(x, weight, cols, crow)
+    def forward(ctx, x, weight, bias, chosen, codes_index):
+        cols, crow, rows = codes_index
+        ctx.save_for_backward(x, weight, cols, crow, rows)
         return chosen
 
     @staticmethod
     def backward(ctx, grad):
-        x, weight, cols, crow = ctx.saved_tensors
+        x, weight, cols, crow, rows = ctx.saved_tensors
         grad = grad.to(weight.dtype)
         grad_x = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
@@ -99,26 +93,27 @@ class _SelectPreactivations(torch.autograd.Function):
                 cols, weight, crow, per_sample_weights=grad, mode="sum", include_last_offset=True
             ).to(x.dtype)
         if ctx.needs_input_grad[1]:
-            sparse = _latent_major(_rows(crow), cols, grad, x.shape[0], weight.shape[0])
+            sparse = _latent_major(rows, cols, grad, x.shape[0], weight.shape[0])
             grad_weight = torch.sparse.mm(sparse, x.to(weight.dtype))
         if ctx.needs_input_grad[2]:
             grad_bias = torch.zeros_like(weight[:, 0]).index_add_(0, cols, grad)
-        return grad_x, grad_weight, grad_bias, None, None, None
+        return grad_x, grad_weight, grad_bias, None, None
 
 
 def select_preactivations(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, chosen: torch.Tensor,
-    cols: torch.Tensor, crow: torch.Tensor,
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, codes: SparseCodes
 ) -> torch.Tensor:
-    """`chosen` (the pre-activations x @ weight.T + bias at the CSR positions cols/crow,
-    computed without grad) with gradients that touch only those latents' weight rows."""
-    return _SelectPreactivations.apply(x, weight, bias, chosen, cols, crow)
+    """`codes.values`, the pre-activations x @ weight.T + bias at the codes' positions (computed
+    without grad), with gradients that touch only those latents' weight rows."""
+    return _SelectPreactivations.apply(
+        x, weight, bias, codes.values, (codes.cols, codes.crow, codes.rows)
+    )
 
 
 class _SparseDecode(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, values, cols, crow, weight):
-        ctx.save_for_backward(values, cols, crow, weight)
+    def forward(ctx, values, cols, crow, rows, weight):
+        ctx.save_for_backward(values, cols, crow, rows, weight)
         return F.embedding_bag(
             cols, weight, crow, per_sample_weights=values.to(weight.dtype), mode="sum",
             include_last_offset=True,
@@ -126,7 +121,7 @@ class _SparseDecode(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        values, cols, crow, weight = ctx.saved_tensors
+        values, cols, crow, rows, weight = ctx.saved_tensors
         grad_out = grad_out.to(weight.dtype)
         n_rows = crow.numel() - 1
         grad_values = grad_weight = None
@@ -137,14 +132,12 @@ class _SparseDecode(torch.autograd.Function):
             )
             grad_values = torch.sparse.sampled_addmm(pattern, grad_out, weight.T, beta=0.0)
             grad_values = grad_values.values().to(values.dtype)
-        if ctx.needs_input_grad[3]:
-            sparse = _latent_major(
-                _rows(crow), cols, values.to(weight.dtype), n_rows, weight.shape[0]
-            )
+        if ctx.needs_input_grad[4]:
+            sparse = _latent_major(rows, cols, values.to(weight.dtype), n_rows, weight.shape[0])
             grad_weight = torch.sparse.mm(sparse, grad_out)
-        return grad_values, None, None, grad_weight
+        return grad_values, None, None, None, grad_weight
 
 
 def sparse_decode(codes: SparseCodes, weight: torch.Tensor) -> torch.Tensor:
     """sum_i codes[r, i] * weight[i] for every row r, touching only the active rows of weight."""
-    return _SparseDecode.apply(codes.values, codes.cols, codes.crow, weight)
+    return _SparseDecode.apply(codes.values, codes.cols, codes.crow, codes.rows, weight)
