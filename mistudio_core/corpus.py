@@ -20,11 +20,11 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from mistudio_core.demo import DEMO_MODEL_ALIAS, demo_corpus_path, ensure_demo_model
 from mistudio_core.errors import MistudioError
 
 TEXT_SUFFIXES = (".txt", ".text", ".md")
 CORPUS_SUFFIXES = (*TEXT_SUFFIXES, ".jsonl", ".parquet")
-DEMO_CORPUS_ALIAS = "demo"
 _TOKENIZE_BATCH = 256
 
 
@@ -38,9 +38,7 @@ class Corpus:
     @classmethod
     def open(cls, path: str | Path, text_field: str = "text") -> Corpus:
         """Check that the file exists, has a known format and yields at least one document."""
-        if str(path) == DEMO_CORPUS_ALIAS:
-            from mistudio_core.demo import demo_corpus_path, ensure_demo_model
-
+        if str(path) == DEMO_MODEL_ALIAS:  # the demo model's held-out corpus
             path = demo_corpus_path(ensure_demo_model())
         resolved = Path(path).expanduser()
         if not resolved.is_file():

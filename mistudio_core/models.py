@@ -28,11 +28,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from mistudio_core.demo import DEMO_MODEL_ALIAS, ensure_demo_model
 from mistudio_core.errors import MistudioError
 from mistudio_core.hooks import HookPoint
 
-# `--model demo` is the offline demo model, built once and cached (mistudio_core.demo).
-DEMO_MODEL_ALIAS = "demo"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 QUANTIZATIONS = ("auto", "none", "8bit", "4bit")
@@ -103,9 +102,7 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 def resolve_source(model_id: str) -> str:
     """A local directory, the built-in demo model, or a hub id, as from_pretrained takes it."""
-    if model_id == DEMO_MODEL_ALIAS:
-        from mistudio_core.demo import ensure_demo_model
-
+    if model_id == DEMO_MODEL_ALIAS:  # the offline demo model, built once and cached
         return str(ensure_demo_model())
     path = Path(model_id).expanduser()
     if path.is_dir():

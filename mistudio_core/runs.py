@@ -16,6 +16,7 @@ from mistudio_core import __version__
 from mistudio_core.activation_cache import ActivationCache, CachedActivationSource
 from mistudio_core.activations import ExtractionConfig, ModelActivationSource, ShuffledBatches
 from mistudio_core.corpus import Corpus
+from mistudio_core.demo import DEMO_MODEL_ALIAS, build_demo_model
 from mistudio_core.errors import MistudioError
 from mistudio_core.evals import EvalResult, evaluate
 from mistudio_core.hooks import HookPoint
@@ -77,6 +78,7 @@ class TrainResult:
 def train_sae(job: TrainJob, callback: Callback = silent) -> TrainResult:
     """Train an SAE as `job` describes and save it in SAELens format under `job.out`."""
     hook = HookPoint.parse(job.hook)
+    _prepare_demo(job.model.model_id, job.corpus, callback)
     corpus = Corpus.open(job.corpus, job.text_field)
     config = load_config(job.model)
     check_layer(config, hook.layer, job.model.model_id)
@@ -158,6 +160,7 @@ def evaluate_saved(
 ) -> EvalResult:
     """Evaluate a saved SAE on `n_tokens` of a corpus; the result is also written beside it."""
     loaded = load_sae(sae_dir)
+    _prepare_demo(model.model_id, corpus, callback)
     if not loaded.metadata.hook_name:
         raise MistudioError(
             f"the SAE in {sae_dir} does not say which hook it reads",
@@ -188,6 +191,12 @@ def evaluate_saved(
     )
     result.save(Path(sae_dir))
     return result
+
+
+def _prepare_demo(model_id: str, corpus: str, callback: Callback) -> None:
+    """Build the offline demo model (once) with its progress in the job's log, if it is used."""
+    if DEMO_MODEL_ALIAS in (model_id, corpus):
+        build_demo_model(progress=lambda line: callback("log", {"message": line}))
 
 
 def _cache_key(job: TrainJob, corpus: Corpus, hook: HookPoint, d_in: int) -> dict:
