@@ -19,7 +19,6 @@ an exception right after the last hook fires (no final norm, no head).
 from __future__ import annotations
 
 import copy
-import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, field
@@ -107,7 +106,8 @@ def resolve_source(model_id: str) -> str:
     path = Path(model_id).expanduser()
     if path.is_dir():
         return str(path)
-    if model_id.startswith((".", "/", "~")) or os.sep + os.sep in model_id:
+    # A hub id is `name` or `owner/name`; anything else that looks like a path must exist.
+    if model_id.startswith((".", "/", "~")) or model_id.count("/") > 1:
         raise MistudioError(
             f"model directory {model_id} does not exist",
             hint="check the path, or give a hub id such as EleutherAI/pythia-160m",
