@@ -54,6 +54,11 @@ class ActivationCache:
     def n_tokens(self) -> int:
         return sum(self.chunk_tokens)
 
+    @property
+    def next_index(self) -> int:
+        """The index the next appended chunk must have (written and pending chunks counted)."""
+        return self.n_chunks + len(self._pending)
+
     def _load_manifest(self) -> None:
         path = self.directory / MANIFEST
         if not path.exists():
@@ -88,7 +93,7 @@ class ActivationCache:
 
     def append(self, chunk: ActivationChunk) -> None:
         """Add the next chunk; it reaches the disk when a shard's worth has gathered."""
-        if chunk.index != self.n_chunks + len(self._pending):
+        if chunk.index != self.next_index:
             raise ValueError(f"chunk {chunk.index} appended out of order")
         self._pending.append(chunk)
         self._pending_bytes += sum(t.numel() * t.element_size() for t in chunk.activations.values())
@@ -165,7 +170,7 @@ class CachedActivationSource:
         if self._extractor is None:
             self._extractor = self._make_extractor()
         for chunk in self._extractor.chunks(index):
-            if chunk.index == self.cache.n_chunks + len(self.cache._pending):
+            if chunk.index == self.cache.next_index:
                 self.cache.append(chunk)
             yield chunk
 
