@@ -91,6 +91,16 @@ def environment() -> dict:
     return info
 
 
+def busy_note(env: dict) -> str | None:
+    """A warning line when other processes kept the CPUs busy around the start of the run."""
+    load, cpus = env.get("load_average_1m"), env.get("cpu_count") or 1
+    if load is None or load < cpus - 0.5:
+        return None
+    return (f"note: the machine was busy (1-min load {load} on {cpus} CPUs); multi-threaded "
+            "element-wise ops suffer most from that (threads wait for each other), so ratios "
+            "are pessimistic; compare with --threads 1")
+
+
 def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     """A plain text table, columns padded, numbers right-aligned."""
     cells = [[_cell(v) for v in row] for row in rows]

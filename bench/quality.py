@@ -59,14 +59,17 @@ MAX_DEAD_PCT = 1.0
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tokens", type=int, default=1_000_000, help="training tokens")
+    parser.add_argument("--tokens", type=int, default=600_000, help="training tokens")
     parser.add_argument("--eval-tokens", type=int, default=100_000)
     parser.add_argument("--hook", default="layers.2.resid_post")
     parser.add_argument("--k", type=int, default=32)
     parser.add_argument("--expansion", type=int, default=16)
     parser.add_argument("--batch-tokens", type=int, default=4096)
-    parser.add_argument("--eval-every", type=int, default=10,
+    parser.add_argument("--eval-every", type=int, default=5,
                         help="every n-th corpus document is held out for evaluation")
+    parser.add_argument("--dead-after-tokens", type=int, default=None,
+                        help="TrainConfig.dead_after_tokens (tokens without firing before a "
+                        "latent counts as dead and AuxK trains it); default: the library's")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--reference", action="store_true",
@@ -113,6 +116,28 @@ def same_batches(job: runs.TrainJob, hook: HookPoint, d_in: int, device: torch.d
     batches = ShuffledBatches(source, [hook], job.train.batch_tokens,
                               runs._block_chunks(job, d_in), job.train.seed, device)
     return cache, batches
+
+
+def spectrum(cache: ActivationCache, hook: HookPoint, max_tokens: int = 100_000) -> dict:
+    """How many principal directions hold the activations' variance (from the cached chunks):
+    with very few, FVE is easy and most latents of a wide SAE have nothing to encode."""
+    parts, n = [], 0
+    for index in range(cache.n_chunks):
+        if n >= max_tokens:
+            break
+        part = cache.chunk(index).activations[hook].double()
+        parts.append(part)
+        n += part.shape[0]
+    x = torch.cat(parts)
+    centered = x - x.mean(0)
+    eigen = torch.linalg.eigvalsh(centered.T @ centered / x.shape[0]).flip(0).clamp_min(0)
+    share = eigen.cumsum(0) / eigen.sum()
+    return {
+        "tokens": int(x.shape[0]),
+        "dims_for_90pct_variance": int((share < 0.9).sum()) + 1,
+        "dims_for_99pct_variance": int((share < 0.99).sum()) + 1,
+        "participation_ratio": float(eigen.sum() ** 2 / eigen.pow(2).sum()),
+    }
 
 
 # ----- sparsify, and a dense re-implementation of its recipe -------------------------------------
@@ -264,8 +289,10 @@ def run(args, demo_dir: Path, corpus_path: Path, work: Path, log) -> dict:
     spec = ModelSpec(str(demo_dir), device=args.device)
     device = resolve_device(args.device)
     d_in = int(load_config(spec).hidden_size)
+    overrides = {} if args.dead_after_tokens is None else {
+        "dead_after_tokens": args.dead_after_tokens}
     train_config = TrainConfig(total_tokens=args.tokens, batch_tokens=args.batch_tokens,
-                               seed=args.seed)
+                               seed=args.seed, **overrides)
     extraction = ExtractionConfig()
     job = runs.TrainJob(
         model=spec, hook=hook.name, corpus=str(train_path), out=str(work / "mistudio-sae"),
@@ -285,9 +312,13 @@ def run(args, demo_dir: Path, corpus_path: Path, work: Path, log) -> dict:
     trained = runs.train_sae(job, callback)
     mistudio_seconds = time.perf_counter() - started
     log(f"evaluating it on {args.eval_tokens} held-out tokens ...")
+    started = time.perf_counter()
     ours = runs.evaluate_saved(trained.path, spec, str(eval_path), args.eval_tokens)
+    eval_seconds = time.perf_counter() - started
 
-    cache_tokens = None
+    cache, _ = same_batches(job, hook, d_in, device)
+    cache_tokens = cache.n_tokens
+    data_spectrum = spectrum(cache, hook)
     comparators: dict[str, dict] = {}
     factories = {"sparsify": lambda: make_sparsify(d_in, args, device)}
     if args.reference:
@@ -305,8 +336,7 @@ def run(args, demo_dir: Path, corpus_path: Path, work: Path, log) -> dict:
             comparators[name] = {"status": "not installed"}
             continue
         log(f"training {name} on the same cached batches ...")
-        cache, batches = same_batches(job, hook, d_in, device)
-        cache_tokens = cache.n_tokens
+        _, batches = same_batches(job, hook, d_in, device)
         seconds = train_sparsify_recipe(sae, batches, hook, train_config, log)
         if lm is None:
             lm = load_model(spec, with_lm_head=True)
@@ -324,11 +354,14 @@ def run(args, demo_dir: Path, corpus_path: Path, work: Path, log) -> dict:
         "config": {"tokens": args.tokens, "eval_tokens": args.eval_tokens, "hook": hook.name,
                    "d_in": d_in, "d_sae": d_in * args.expansion, "k": args.k,
                    "batch_tokens": args.batch_tokens, "steps": train_config.total_steps,
+                   "dead_after_tokens": train_config.dead_after_tokens,
                    "device": str(device), "train_documents": n_train_docs,
                    "eval_documents": n_eval_docs, "cached_tokens": cache_tokens,
                    "demo_model": str(demo_dir)},
         "environment": common.environment(),
-        "mistudio": {"train_seconds": mistudio_seconds, "final_train_metrics":
+        "activation_spectrum": data_spectrum,
+        "mistudio": {"train_seconds": mistudio_seconds, "eval_seconds": eval_seconds,
+                     "final_train_metrics":
                      trained.final_metrics, "eval": ours.to_dict()},
         "comparators": comparators,
         "targets": {
@@ -338,6 +371,16 @@ def run(args, demo_dir: Path, corpus_path: Path, work: Path, log) -> dict:
             "dead_below_1pct": ours.dead_pct < MAX_DEAD_PCT,
         },
     }
+
+
+def spectrum_line(spec: dict, d_in: int) -> str:
+    line = (f"activations: {spec['dims_for_90pct_variance']} principal directions hold 90% of "
+            f"the variance, {spec['dims_for_99pct_variance']} hold 99% (participation ratio "
+            f"{spec['participation_ratio']:.1f}, d_in {d_in})")
+    if spec["dims_for_99pct_variance"] < d_in / 8:
+        line += ("; with so few, FVE is easy and many latents of a wide SAE stay dead "
+                 "whatever the trainer")
+    return line
 
 
 def report_text(doc: dict) -> str:
@@ -358,10 +401,15 @@ def report_text(doc: dict) -> str:
         f"SAE quality on the demo model: {c['hook']}, TopK k {c['k']}, d_sae {c['d_sae']}, "
         f"{c['tokens']} training tokens ({c['steps']} steps of {c['batch_tokens']}), "
         f"evaluated on {ours['eval']['n_tokens']} held-out tokens; {c['device']}",
-        f"corpus: {c['train_documents']} training / {c['eval_documents']} held-out documents",
+        f"corpus: {c['train_documents']} training / {c['eval_documents']} held-out documents; "
+        f"a latent counts as dead in training after {c['dead_after_tokens']} tokens without "
+        f"firing (miStudio's final training metrics: dead "
+        f"{ours['final_train_metrics'].get('dead_pct', float('nan')):.2f}%)",
         "",
         common.table(["SAE", "FVE", "dead %", "L0", "CE recovered", "train s"], rows),
+        f"(miStudio's evaluation took {ours['eval_seconds']:.0f} s)",
         "",
+        spectrum_line(doc["activation_spectrum"], c["d_in"]),
         *notes,
         f"target FVE >= sparsify's: {common.verdict(t['fve_at_least_sparsify'])}"
         + ("" if t["fve_at_least_sparsify"] is not None else " (sparsify not installed)"),
@@ -370,6 +418,9 @@ def report_text(doc: dict) -> str:
         lines.append(f"FVE >= dense reference of sparsify's recipe: "
                      f"{common.verdict(t['fve_at_least_reference'])}")
     lines.append(f"target dead < {MAX_DEAD_PCT}%: {common.verdict(t['dead_below_1pct'])}")
+    note = common.busy_note(doc["environment"])
+    if note:
+        lines += ["", note]
     return "\n".join(lines)
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import inspect
 import math
 import tempfile
 import time
@@ -34,7 +33,6 @@ except ImportError:  # run as `python bench/train_step.py`
 
 from mistudio_core.hooks import HookPoint
 from mistudio_core.sae import SAEConfig
-from mistudio_core.sae.sparse import SparseCodes, select_preactivations, sparse_decode
 from mistudio_core.train import TrainConfig, Trainer
 
 TARGET_RATIO = 1.5
@@ -100,77 +98,115 @@ def make_trainer(args, device, run_dir: str, dead_fraction: float) -> tuple[Trai
 
 # ----- the per-piece breakdown -------------------------------------------------------------------
 
+# What the breakdown intercepts while the real trainer step runs: (label, owner, attribute).
+# Owners are resolved at run time; a name the library no longer has is skipped, so the breakdown
+# follows refactors of the library instead of re-implementing its step.
+_SAE_METHODS = (
+    ("forward: rest of training_forward (loss, metrics)", "training_forward"),
+    ("forward: centring x - b_dec + top-k driver", "_topk_preactivations"),
+    ("forward: encoder matmul + top-k (no grad)", "_topk_of_centered"),
+    ("forward: AuxK (rest: dead-latent matmul, top-k, loss)", "_aux_k_loss"),
+    ("optim: remove_parallel_decoder_gradient", "remove_parallel_decoder_gradient"),
+    ("optim: normalize_decoder", "normalize_decoder"),
+)
+_MODULE_FUNCTIONS = (
+    ("forward: select_preactivations (autograd wrapper)", "mistudio_core.sae.model",
+     "select_preactivations"),
+    ("forward: sparse_decode (embedding_bag)", "mistudio_core.sae.model", "sparse_decode"),
+    ("optim: clip_grad_norm_", "torch.nn.utils", "clip_grad_norm_"),
+)
 
-def timed_pieces(trainer: Trainer, x: torch.Tensor, sync) -> dict[str, float]:
-    """One step cut into its pieces (mirroring `training_forward` and `_accumulated_step` for a
-    TopK SAE), each timed on its own. Seconds per piece."""
-    sae, config = trainer.sae, trainer.sae.config
-    times: dict[str, float] = {}
-    clock = [time.perf_counter()]
 
-    def mark(name: str) -> None:
-        sync()
-        now = time.perf_counter()
-        times[name] = times.get(name, 0.0) + now - clock[0]
-        clock[0] = now
+class PieceTimer:
+    """Exclusive wall time per intercepted call (a piece's time excludes the pieces it calls)."""
 
-    sync()
-    clock[0] = time.perf_counter()
-    dead_mask = trainer.tokens_since_fired >= trainer.config.dead_after_tokens
-    with torch.no_grad():
-        values, indices = sae._topk_preactivations(x, config.k)
-    mark("encoder: dense matmul + top-k (no grad)")
-    with torch.no_grad():
-        codes = SparseCodes.from_topk(values, indices, config.d_sae)
-    mark("encoder: CSR codes (sort by latent)")
-    chosen = select_preactivations(
-        x - sae.b_dec, sae.encoder_weight, sae.b_enc, codes.values, codes.cols, codes.crow
-    )
-    codes.values = torch.nn.functional.relu(chosen)
-    mark("encoder: select_preactivations + relu")
-    x_hat = sparse_decode(codes, sae.W_dec) + sae.b_dec
-    mark("decoder: sparse_decode (embedding_bag)")
-    fired = torch.bincount(codes.cols[codes.values > 0], minlength=config.d_sae)
-    l0 = (codes.values > 0).sum() / x.shape[0]
-    error = x - x_hat
-    squared = error.pow(2).sum()
-    total_variance = (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
-    fvu = squared / total_variance
-    mark("loss: FVU + metrics (bincount, l0)")
-    aux = sae._aux_k_loss(x, error.detach(), dead_mask, total_variance)
-    loss = fvu + aux
-    mark("AuxK forward (dead latents)")
-    loss.backward()
-    mark("backward (all)")
-    sae.remove_parallel_decoder_gradient()
-    mark("remove_parallel_decoder_gradient")
-    torch.nn.utils.clip_grad_norm_(sae.parameters(), trainer.config.grad_clip)
-    mark("clip_grad_norm_")
-    trainer.optimizer.step()
-    mark("Adam(fused=True).step")
-    trainer.optimizer.zero_grad(set_to_none=True)
-    trainer.scheduler.step()
-    mark("zero_grad + scheduler.step")
-    sae.normalize_decoder()
-    mark("normalize_decoder")
-    # Not part of the step, but of every training iteration: Trainer._track (5 .item() syncs)
-    # and the shuffled-batch gather of ShuffledBatches.
+    def __init__(self, sync) -> None:
+        self.sync = sync
+        self.times: dict[str, float] = defaultdict(float)
+        self._stack: list[list[float]] = []
+
+    def wrap(self, label: str, function):
+        def timed(*args, **kwargs):
+            self.sync()
+            frame = [time.perf_counter(), 0.0]  # start, time spent in nested pieces
+            self._stack.append(frame)
+            try:
+                return function(*args, **kwargs)
+            finally:
+                self.sync()
+                elapsed = time.perf_counter() - frame[0]
+                self._stack.pop()
+                self.times[label] += elapsed - frame[1]
+                if self._stack:
+                    self._stack[-1][1] += elapsed
+
+        return timed
+
+
+def timed_step(trainer: Trainer, x: torch.Tensor, sync) -> dict[str, float]:
+    """One real `Trainer._accumulated_step`, with its pieces timed by interception."""
+    import importlib
+
+    timer = PieceTimer(sync)
+    sae, optimizer, scheduler = trainer.sae, trainer.optimizer, trainer.scheduler
+    restore = []
+    for label, name in _SAE_METHODS:
+        if hasattr(sae, name):
+            setattr(sae, name, timer.wrap(label, getattr(sae, name)))
+            restore.append((sae, name, None))
+    for label, module_name, name in _MODULE_FUNCTIONS:
+        module = importlib.import_module(module_name)
+        if hasattr(module, name):
+            original = getattr(module, name)
+            setattr(module, name, timer.wrap(label, original))
+            restore.append((module, name, original))
+    from mistudio_core.sae.sparse import SparseCodes
+
+    from_topk = SparseCodes.__dict__.get("from_topk")
+    if from_topk is not None:
+        SparseCodes.from_topk = staticmethod(
+            timer.wrap("forward: CSR codes (SparseCodes.from_topk)", SparseCodes.from_topk))
+    backward = torch.Tensor.backward
+    torch.Tensor.backward = timer.wrap("backward (all)", backward)
+    for obj, name, label in ((optimizer, "step", "optim: Adam(fused=True).step"),
+                             (optimizer, "zero_grad", "optim: zero_grad"),
+                             (scheduler, "step", "optim: scheduler.step")):
+        setattr(obj, name, timer.wrap(label, getattr(obj, name)))
+        restore.append((obj, name, None))
+    try:
+        output = timer.wrap("step", trainer._accumulated_step)(x)
+    finally:
+        torch.Tensor.backward = backward
+        if from_topk is not None:
+            SparseCodes.from_topk = from_topk
+        for obj, name, original in reversed(restore):
+            if original is None:
+                delattr(obj, name)  # drop the instance attribute, the class's method is back
+            else:
+                setattr(obj, name, original)
+    times = dict(timer.times)
+    step = times.pop("step")
+    times["step: rest (trainer glue, autocast, merging)"] = step
+    # Not part of the step but of every iteration: Trainer._track (its .item() syncs).
     since = trainer.tokens_since_fired.clone()
-    since += x.shape[0]
-    since[fired > 0] = 0
-    for value in (loss, squared, fvu, l0, aux):
-        value.item()
-    mark("(outside step) Trainer._track metrics")
+    sync()
+    start = time.perf_counter()
+    trainer._track(output, x.shape[0])
+    sync()
+    times["(outside step) Trainer._track"] = time.perf_counter() - start
+    trainer.tokens_since_fired = since
+    trainer._window.clear()
     return times
 
 
 def breakdown(trainer: Trainer, x: torch.Tensor, buffer: torch.Tensor, repeats: int,
               sync) -> list[tuple[str, float]]:
-    """Median seconds per piece over `repeats` steps, plus the batch gather."""
+    """Median seconds per piece over `repeats` steps, plus the shuffled-batch gather of
+    `ShuffledBatches` (also outside the step)."""
     samples: dict[str, list[float]] = defaultdict(list)
     generator = torch.Generator().manual_seed(1)
     for _ in range(repeats):
-        for name, seconds in timed_pieces(trainer, x, sync).items():
+        for name, seconds in timed_step(trainer, x, sync).items():
             samples[name].append(seconds)
         order = torch.randperm(buffer.shape[0], generator=generator)[: x.shape[0]]
         sync()
@@ -180,7 +216,13 @@ def breakdown(trainer: Trainer, x: torch.Tensor, buffer: torch.Tensor, repeats: 
         samples["(outside step) batch gather from the shuffle buffer"].append(
             time.perf_counter() - start
         )
-    return [(name, common.median(values)) for name, values in samples.items()]
+    order = sorted(samples, key=lambda n: (n.startswith("(outside"), n.startswith("step:"),
+                                           _PHASES.index(n.split(":")[0].split(" ")[0])
+                                           if n.split(":")[0].split(" ")[0] in _PHASES else 9))
+    return [(name, common.median(samples[name])) for name in order]
+
+
+_PHASES = ("forward", "backward", "optim")
 
 
 def backward_profile(trainer: Trainer, x: torch.Tensor, steps: int = 3) -> list[tuple[str, float]]:
@@ -268,9 +310,6 @@ def sae_lens_step(args, device, x: torch.Tensor, dead_fraction: float):
     def step():
         output = sae.training_forward_pass(step_input)
         output.loss.backward()
-        for hook in ("remove_gradient_parallel_to_decoder_directions",):
-            if hasattr(sae, hook) and "normalize" in str(inspect.signature(getattr(sae, hook))):
-                getattr(sae, hook)()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -331,18 +370,24 @@ def main(argv=None) -> dict:
         if not args.no_breakdown:
             common.log("timing the pieces of a step ...", quiet)
             buffer = make_batch(min(1 << 18, 64 * args.batch), args.d_in, args.seed + 2, device)
+            piece_repeats = min(args.repeats, 5)
             try:
                 pieces = {
-                    "no_dead": breakdown(live, x, buffer, args.repeats, sync),
-                    "auxk": breakdown(dying, x_dead, buffer, args.repeats, sync),
+                    "no_dead": breakdown(live, x, buffer, piece_repeats, sync),
+                    "auxk": breakdown(dying, x_dead, buffer, piece_repeats, sync),
                 }
                 backward_nodes = backward_profile(dying, x_dead)
             except Exception as exc:  # pieces mirror library internals that may have moved
                 breakdown_error = f"{type(exc).__name__}: {exc}"
-            floor_linear = common.interleaved(
+            out = torch.empty(args.batch, d_sae, device=device)
+            floor_variants = common.interleaved(
                 {"linear": lambda: torch.nn.functional.linear(raw, live.sae.encoder_weight),
-                 "floor": lambda: raw @ w_enc}, args.repeats, 1, sync)
-            linear_ratio = common.paired_ratio(floor_linear["linear"], floor_linear["floor"])
+                 "preallocated": lambda: torch.mm(raw, w_enc, out=out),
+                 "floor": lambda: raw @ w_enc}, piece_repeats, 1, sync)
+            del out
+            linear_ratio = common.paired_ratio(floor_variants["linear"], floor_variants["floor"])
+            prealloc_ratio = common.paired_ratio(floor_variants["preallocated"],
+                                                 floor_variants["floor"])
         profile_table = top_ops(dying, x_dead) if args.profile else None
 
     step_ratio = results["step"]["ratio_to_floor"]
@@ -365,6 +410,7 @@ def main(argv=None) -> dict:
         document["backward_profile_ms"] = {name: 1e3 * s for name, s in backward_nodes}
         document["breakdown_error"] = breakdown_error
         document["linear_layout_vs_floor"] = linear_ratio
+        document["preallocated_output_vs_floor"] = prealloc_ratio
     if profile_table:
         document["profile_table"] = profile_table
 
@@ -404,20 +450,25 @@ def main(argv=None) -> dict:
             rows = [[name, 1e3 * no_dead[name], 1e3 * auxk[name], 1e3 * auxk[name] / floor_ms]
                     for name in names]
             inside = [n for n in names if not n.startswith("(outside")]
-            rows.append(["sum of the step's pieces", 1e3 * sum(no_dead[n] for n in inside),
+            rows.append(["whole step (sum of the pieces)", 1e3 * sum(no_dead[n] for n in inside),
                          1e3 * sum(auxk[n] for n in inside),
                          1e3 * sum(auxk[n] for n in inside) / floor_ms])
-            text.append("breakdown (manual timing of each piece, median per piece):")
+            text.append("breakdown: real trainer steps, pieces timed by intercepting their calls "
+                        "(exclusive times, median per piece):")
             text.append(common.table(["piece", "ms no dead", "ms AuxK", "AuxK x floor"], rows))
             text.append("")
             text.append("backward by autograd node (torch.profiler, AuxK variant, ms):")
             text.append(common.table(["node", "ms"],
                                      [[n, 1e3 * s] for n, s in backward_nodes[:12]]))
             text.append("")
-            text.append(f"F.linear with the library's [d_sae, d_in] encoder layout: "
-                        f"{linear_ratio:.2f} x floor")
+            text.append(f"floor variants: F.linear with the library's [d_sae, d_in] encoder "
+                        f"layout {linear_ratio:.2f} x floor; torch.mm into a preallocated output "
+                        f"{prealloc_ratio:.2f} x floor (the difference is the output's allocation)")
     if profile_table:
         text += ["", "torch.profiler, one step (AuxK variant):", profile_table]
+    note = common.busy_note(document["environment"])
+    if note:
+        text += ["", note]
     common.emit(document, "\n".join(text), args.json)
     return document
 
