@@ -92,6 +92,26 @@ def test_aux_k_loss_only_with_dead_latents():
     assert sae.encoder_weight.grad[:10].abs().sum() > 0
 
 
+def test_dense_and_sparse_aux_k_paths_agree(monkeypatch):
+    """AuxK is computed densely for few dead latents and sparsely for many: same loss, grads."""
+    import mistudio_core.sae.model as model_module
+
+    x = torch.randn(64, 16)
+    dead = torch.zeros(64, dtype=torch.bool)
+    dead[5:30] = True
+    results = []
+    for factor in (1000, 0):  # dense path, then sparse path
+        monkeypatch.setattr(model_module, "_DENSE_AUX_K_FACTOR", factor)
+        sae = _sae("topk")
+        output = sae.training_forward(x, dead_mask=dead)
+        output.loss.backward()
+        results.append((output.aux_loss, {n: p.grad.clone() for n, p in sae.named_parameters()}))
+    (dense_aux, dense_grads), (sparse_aux, sparse_grads) = results
+    torch.testing.assert_close(dense_aux, sparse_aux)
+    for name in dense_grads:
+        torch.testing.assert_close(dense_grads[name], sparse_grads[name], atol=1e-6, rtol=1e-5)
+
+
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
 def test_every_architecture_learns_to_reconstruct(architecture):
     torch.manual_seed(0)
