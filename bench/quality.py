@@ -70,6 +70,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--dead-after-tokens", type=int, default=None,
                         help="TrainConfig.dead_after_tokens (tokens without firing before a "
                         "latent counts as dead and AuxK trains it); default: the library's")
+    parser.add_argument("--warmup-steps", type=int, default=None,
+                        help="TrainConfig.warmup_steps for every trainer; default: the library's")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--reference", action="store_true",
@@ -221,7 +223,7 @@ def train_sparsify_recipe(sae: nn.Module, batches: ShuffledBatches, hook: HookPo
         if step == 0:
             with torch.no_grad():
                 sae.b_dec.data = x.mean(0).to(sae.b_dec.dtype)
-        dead_mask = since_fired >= config.dead_after_tokens
+        dead_mask = since_fired >= config.dead_window
         out = sae(x, dead_mask=dead_mask)
         loss = out.fvu + out.auxk_loss / 32
         loss.backward()
@@ -289,8 +291,9 @@ def run(args, demo_dir: Path, corpus_path: Path, work: Path, log) -> dict:
     spec = ModelSpec(str(demo_dir), device=args.device)
     device = resolve_device(args.device)
     d_in = int(load_config(spec).hidden_size)
-    overrides = {} if args.dead_after_tokens is None else {
-        "dead_after_tokens": args.dead_after_tokens}
+    overrides = {name: value for name, value in (("dead_after_tokens", args.dead_after_tokens),
+                                                  ("warmup_steps", args.warmup_steps))
+                 if value is not None}
     train_config = TrainConfig(total_tokens=args.tokens, batch_tokens=args.batch_tokens,
                                seed=args.seed, **overrides)
     extraction = ExtractionConfig()
@@ -354,7 +357,7 @@ def run(args, demo_dir: Path, corpus_path: Path, work: Path, log) -> dict:
         "config": {"tokens": args.tokens, "eval_tokens": args.eval_tokens, "hook": hook.name,
                    "d_in": d_in, "d_sae": d_in * args.expansion, "k": args.k,
                    "batch_tokens": args.batch_tokens, "steps": train_config.total_steps,
-                   "dead_after_tokens": train_config.dead_after_tokens,
+                   "dead_after_tokens": train_config.dead_window,
                    "device": str(device), "train_documents": n_train_docs,
                    "eval_documents": n_eval_docs, "cached_tokens": cache_tokens,
                    "demo_model": str(demo_dir)},

@@ -92,7 +92,7 @@ def make_trainer(args, device, run_dir: str, dead_fraction: float) -> tuple[Trai
     if n_dead:
         generator = torch.Generator().manual_seed(args.seed + 1)
         dead = torch.randperm(d_sae, generator=generator)[:n_dead].to(device)
-        trainer.tokens_since_fired[dead] = train_config.dead_after_tokens
+        trainer.tokens_since_fired[dead] = train_config.dead_window
     return trainer, x * trainer.sae.input_scale
 
 
@@ -229,7 +229,7 @@ def backward_profile(trainer: Trainer, x: torch.Tensor, steps: int = 3) -> list[
     """torch.profiler's time per autograd node during backward, averaged over `steps` steps."""
     from torch.profiler import ProfilerActivity, profile
 
-    dead_mask = trainer.tokens_since_fired >= trainer.config.dead_after_tokens
+    dead_mask = trainer.tokens_since_fired >= trainer.config.dead_window
     totals: dict[str, float] = defaultdict(float)
     for _ in range(steps):
         output = trainer.sae.training_forward(x, dead_mask)
@@ -333,7 +333,7 @@ def main(argv=None) -> dict:
         common.log("building trainers ...", quiet)
         live, x = make_trainer(args, device, run_dir + "/live", 0.0)
         dying, x_dead = make_trainer(args, device, run_dir + "/dead", args.dead_fraction)
-        n_dead = int((dying.tokens_since_fired >= dying.config.dead_after_tokens).sum())
+        n_dead = int((dying.tokens_since_fired >= dying.config.dead_window).sum())
         w_enc = torch.randn(args.d_in, d_sae, device=device) / math.sqrt(args.d_in)
         raw = make_batch(args.batch, args.d_in, args.seed, device)
 

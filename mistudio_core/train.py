@@ -47,7 +47,7 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 25
     checkpoint_every: int = 200
-    dead_after_tokens: int = 1_000_000
+    dead_after_tokens: int | None = None
 
     def __post_init__(self) -> None:
         if self.batch_tokens < 1 or self.total_tokens < self.batch_tokens:
@@ -62,6 +62,18 @@ class TrainConfig:
     @property
     def total_steps(self) -> int:
         return self.total_tokens // self.batch_tokens
+
+    @property
+    def dead_window(self) -> int:
+        """Tokens without firing after which a latent counts as dead (and AuxK revives it).
+
+        By default 1/20 of the run, at least 4 batches and at most 10M tokens (sparsify's value
+        for runs of billions): a fixed window longer than a short run would never call any
+        latent dead, and AuxK would never start.
+        """
+        if self.dead_after_tokens is not None:
+            return self.dead_after_tokens
+        return min(10_000_000, max(4 * self.batch_tokens, self.total_tokens // 20))
 
     def learning_rate(self, d_sae: int) -> float:
         """The default follows sparsify: 2e-4 at 16k latents, scaled by 1/sqrt(width)."""
@@ -176,7 +188,7 @@ class Trainer:
                 )
 
     def _accumulated_step(self, x: torch.Tensor):
-        dead_mask = self.tokens_since_fired >= self.config.dead_after_tokens
+        dead_mask = self.tokens_since_fired >= self.config.dead_window
         outputs = []
         for part in x.chunk(self.micro_batches):
             with torch.autocast(
@@ -212,7 +224,7 @@ class Trainer:
     def _report(self, elapsed: float) -> None:
         steps = len(self._window)
         point = {name: sum(w[name] for w in self._window) / steps for name in self._window[0]}
-        dead = self.tokens_since_fired >= self.config.dead_after_tokens
+        dead = self.tokens_since_fired >= self.config.dead_window
         point.update(
             step=self.step,
             tokens=self.step * self.config.batch_tokens,

@@ -95,7 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--l1-coefficient", type=float, default=5.0, help="relu only")
     train.add_argument("--l0-coefficient", type=float, default=0.01, help="jumprelu only")
     train.add_argument("--cache", type=Path, help="activation cache directory to reuse or fill")
-    train.add_argument("--eval-tokens", type=int, default=0, help="evaluate on N tokens after")
+    train.add_argument(
+        "--eval-tokens", type=int, default=0,
+        help="evaluate on the corpus's first N tokens after training (for a held-out score, "
+        "run `mistudio eval` on other text)",
+    )
     train.add_argument("--checkpoint-every", type=_positive_int, default=200, help="steps")
     train.add_argument("--resume", action="store_true", help="continue from --out's checkpoint")
     _job_options(train)
