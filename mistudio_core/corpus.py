@@ -152,7 +152,8 @@ def pack_windows(
     body = context_size - 1 if prepend_bos else context_size
     pending: list[int] = []
     for texts in _batched(documents, _TOKENIZE_BATCH):
-        for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
+        # verbose=False: documents longer than the model's context are expected, packing cuts them.
+        for ids in tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]:
             pending.extend(ids)
             if separator is not None:
                 pending.append(separator)

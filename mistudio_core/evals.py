@@ -163,7 +163,7 @@ def _language_model_pass(sae, model, hook, input_ids, keep, totals) -> torch.Ten
     with torch.no_grad():
         for name, replace in (("clean", capture), ("sae", splice), ("zero", ablate)):
             with model.replaced(hook, replace):
-                logits = model.model(input_ids=input_ids.to(model.device), use_cache=False).logits
+                logits = model.forward(input_ids).logits
             log_probs[name] = F.log_softmax(logits[:, :-1].float(), dim=-1)
     targets = input_ids[:, 1:].to(model.device)
     for name, values in log_probs.items():

@@ -272,14 +272,18 @@ class HookedModel:
             for hook in hooks:
                 stack.enter_context(self._capture(hook, captured, stop=hook == last))
             with suppress(_StopForward):
-                self.model(
-                    input_ids=input_ids.to(self.device),
-                    attention_mask=None if attention_mask is None else attention_mask.to(
-                        self.device
-                    ),
-                    use_cache=False,
-                )
+                self.forward(input_ids, attention_mask)
         return captured
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+        """The model's own forward pass on packed windows (no padding unless a mask says so)."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        return self.model(
+            input_ids=input_ids.to(self.device),
+            attention_mask=attention_mask.to(self.device),
+            use_cache=False,
+        )
 
     @contextmanager
     def replaced(
