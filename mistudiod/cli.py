@@ -238,11 +238,15 @@ class _Progress:
         if kind == "log":
             self.line(payload["message"])
         elif kind == "metrics" and self.bar is not None:
+            figures = {"loss": f"{payload['loss']:.4f}", "fve": f"{payload['fve']:.3f}",
+                       "l0": f"{payload['l0']:.1f}", "dead": f"{payload['dead_pct']:.1f}%"}
+            if self.bar.disable:  # not a terminal (a log file, a pipe): one line per report
+                text = "  ".join(f"{name} {value}" for name, value in figures.items())
+                self.line(f"step {payload['step']}/{self.bar.total}  {text}  "
+                          f"{payload['tokens_per_s']:.0f} tok/s")
+                return
             self.bar.n = payload["step"]
-            self.bar.set_postfix(
-                loss=f"{payload['loss']:.4f}", fve=f"{payload['fve']:.3f}",
-                l0=f"{payload['l0']:.1f}", dead=f"{payload['dead_pct']:.1f}%", refresh=False,
-            )
+            self.bar.set_postfix(figures, refresh=False)
             self.bar.refresh()
         elif kind == "progress" and self.bar is not None:
             self.bar.n = payload["tokens"]

@@ -111,6 +111,7 @@ def test_the_installed_entry_point_prints_only_json_on_stdout(model_dir, tiny_co
     document = json.loads(completed.stdout)
     assert document["evaluation"]["n_tokens"] >= 300
     assert "training a topk SAE" in completed.stderr  # logs go to stderr
+    assert "step 8/8" in completed.stderr  # without a terminal, metrics are plain lines
     human = subprocess.run(
         [sys.executable, "-m", "mistudiod.cli", "eval", "--local", str(tmp_path / "sae"),
          "--model", model_dir, "--corpus", str(tiny_corpus), "--tokens", "300"],
