@@ -135,12 +135,14 @@ def verdict(ok: bool | None) -> str:
 
 
 def emit(document: dict, text: str, as_json: bool) -> None:
-    """Print the readable report, or with --json only the JSON document (on stdout)."""
+    """Print the readable report (with a note if the machine was busy), or with --json only the
+    JSON document (on stdout)."""
     if as_json:
         json.dump(document, sys.stdout, indent=2, default=str)
         sys.stdout.write("\n")
-    else:
-        print(text)
+        return
+    note = busy_note(document["environment"])
+    print(text if note is None else f"{text}\n\n{note}")
 
 
 def log(message: str, quiet: bool = False) -> None:

@@ -517,9 +517,6 @@ def main(argv=None) -> dict:
             f"over a warm baseline (imports + a tiny GPT-2 forward: code pages, thread pools) the "
             f"extra peak is {m['partial_extra_over_warm_baseline'] / mib:.1f} MiB",
         ]
-    note = common.busy_note(document["environment"])
-    if note:
-        text += ["", note]
     common.emit(document, "\n".join(text), args.json)
     return document
 

@@ -421,9 +421,6 @@ def report_text(doc: dict) -> str:
         lines.append(f"FVE >= dense reference of sparsify's recipe: "
                      f"{common.verdict(t['fve_at_least_reference'])}")
     lines.append(f"target dead < {MAX_DEAD_PCT}%: {common.verdict(t['dead_below_1pct'])}")
-    note = common.busy_note(doc["environment"])
-    if note:
-        lines += ["", note]
     return "\n".join(lines)
 
 

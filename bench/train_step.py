@@ -466,9 +466,6 @@ def main(argv=None) -> dict:
                         f"{prealloc_ratio:.2f} x floor (the difference is the output's allocation)")
     if profile_table:
         text += ["", "torch.profiler, one step (AuxK variant):", profile_table]
-    note = common.busy_note(document["environment"])
-    if note:
-        text += ["", note]
     common.emit(document, "\n".join(text), args.json)
     return document
 
