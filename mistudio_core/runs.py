@@ -80,6 +80,7 @@ def train_sae(job: TrainJob, callback: Callback = silent) -> TrainResult:
     hook = HookPoint.parse(job.hook)
     _prepare_demo(job.model.model_id, job.corpus, callback)
     corpus = Corpus.open(job.corpus, job.text_field)
+    corpus_sha256 = corpus.fingerprint()
     config = load_config(job.model)
     check_layer(config, hook.layer, job.model.model_id)
     d_in = int(config.hidden_size)
@@ -98,7 +99,7 @@ def train_sae(job: TrainJob, callback: Callback = silent) -> TrainResult:
         return ModelActivationSource(model, corpus, [hook], job.extraction)
 
     if job.cache:
-        key = _cache_key(job, corpus, hook, d_in)
+        key = _cache_key(job, corpus_sha256, hook, d_in)
         cache = ActivationCache(Path(job.cache), key, activation_dtype)
         source = CachedActivationSource(cache, model_source)
     else:
@@ -122,7 +123,7 @@ def train_sae(job: TrainJob, callback: Callback = silent) -> TrainResult:
         "quantization": job.model.quantization,
         "hook": hook.name,
         "corpus": str(corpus.path),
-        "corpus_sha256": corpus.fingerprint(),
+        "corpus_sha256": corpus_sha256,
         "seed": job.train.seed,
         "train_config": asdict(job.train),
         "extraction": asdict(job.extraction),
@@ -199,14 +200,14 @@ def _prepare_demo(model_id: str, corpus: str, callback: Callback) -> None:
         build_demo_model(progress=lambda line: callback("log", {"message": line}))
 
 
-def _cache_key(job: TrainJob, corpus: Corpus, hook: HookPoint, d_in: int) -> dict:
+def _cache_key(job: TrainJob, corpus_sha256: str, hook: HookPoint, d_in: int) -> dict:
     return {
         "model_id": job.model.model_id,
         "revision": job.model.revision,
         "quantization": job.model.quantization,
         "hooks": [hook.name],
         "d_in": d_in,
-        "corpus_sha256": corpus.fingerprint(),
+        "corpus_sha256": corpus_sha256,
         "text_field": job.text_field,
         **asdict(job.extraction),
     }
