@@ -207,7 +207,7 @@ def train_sparsify_recipe(sae: nn.Module, batches: ShuffledBatches, hook: HookPo
     steps = config.total_steps
     lr = 2e-4 / math.sqrt(sae.num_latents / 2**14)
     optimizer = torch.optim.Adam(sae.parameters(), lr=lr)
-    warmup = config.warmup_steps
+    warmup = config.warmup
 
     def factor(step: int) -> float:  # transformers' get_linear_schedule_with_warmup
         if step < warmup:

@@ -41,7 +41,7 @@ class TrainConfig:
     total_tokens: int = 2_000_000
     batch_tokens: int = 4096
     lr: float | None = None
-    warmup_steps: int = 100
+    warmup_steps: int | None = None
     decay_fraction: float = 0.2
     grad_clip: float = 1.0
     seed: int = 0
@@ -64,6 +64,14 @@ class TrainConfig:
         return self.total_tokens // self.batch_tokens
 
     @property
+    def warmup(self) -> int:
+        """Warm-up steps: by default 100, or a tenth of a shorter run (a fixed 100 steps would
+        spend most of a short run at a low learning rate)."""
+        if self.warmup_steps is not None:
+            return self.warmup_steps
+        return min(100, self.total_steps // 10)
+
+    @property
     def dead_window(self) -> int:
         """Tokens without firing after which a latent counts as dead (and AuxK revives it).
 
@@ -82,8 +90,8 @@ class TrainConfig:
     def lr_factor(self, step: int) -> float:
         """Linear warm-up, constant, then linear decay to zero over the last `decay_fraction`."""
         total = self.total_steps
-        if step < self.warmup_steps:
-            return (step + 1) / (self.warmup_steps + 1)
+        if step < self.warmup:
+            return (step + 1) / (self.warmup + 1)
         decay_start = int(total * (1 - self.decay_fraction))
         if step >= decay_start and total > decay_start:
             return max(0.0, (total - step) / (total - decay_start))
