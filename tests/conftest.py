@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-END_OF_TEXT = "<|endoftext|>"
+from mistudio_core.demo import END_OF_TEXT
+
 TINY_VOCAB = 320
 TINY_HIDDEN = 32
 TINY_POSITIONS = 128
@@ -115,30 +116,11 @@ def tiny_corpus(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
-    """A GPT-2 style byte-level BPE tokenizer (~320 tokens), `<|endoftext|>` as bos/eos/pad."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
+    """A GPT-2 style byte-level BPE tokenizer (~320 tokens), `<|endoftext|>` as bos/eos/pad:
+    the demo model's tokenizer recipe on the tiny corpus."""
+    from mistudio_core.demo import train_tokenizer
 
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    backend.post_processor = processors.ByteLevel(trim_offsets=False)
-    trainer = trainers.BpeTrainer(
-        vocab_size=TINY_VOCAB,
-        special_tokens=[END_OF_TEXT],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    backend.train_from_iterator(corpus_documents(), trainer=trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        bos_token=END_OF_TEXT,
-        eos_token=END_OF_TEXT,
-        pad_token=END_OF_TEXT,
-        unk_token=END_OF_TEXT,
-        model_max_length=TINY_POSITIONS,
-        clean_up_tokenization_spaces=False,
-    )
+    return train_tokenizer(corpus_documents(), TINY_VOCAB, TINY_POSITIONS)
 
 
 TINY_MODEL_TYPES = (
