@@ -131,7 +131,8 @@ def evaluate(
             activations = model.activations(input_ids, [hook])[hook]
         x = activations[keep.to(activations.device)].float()
         with torch.no_grad():
-            totals.add_reconstruction(x, sae(x), sae.encode_sparse(x))
+            codes = sae.encode_sparse(x)
+            totals.add_reconstruction(x, sae.decode_sparse(codes), codes)
         if callback is not None:
             callback("progress", {"tokens": min(totals.tokens, n_tokens), "total": n_tokens})
     if totals.tokens == 0:

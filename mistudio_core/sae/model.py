@@ -107,12 +107,15 @@ class SparseAutoencoder(nn.Module):
     def decode(self, features: torch.Tensor) -> torch.Tensor:
         return features.to(self.W_dec.dtype) @ self.W_dec + self.b_dec
 
+    def decode_sparse(self, codes: SparseCodes) -> torch.Tensor:
+        """The reconstruction from active latents, touching only their decoder rows."""
+        return sparse_decode(codes, self.W_dec) + self.b_dec
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The reconstruction x_hat of x, for any architecture."""
         if self.config.architecture == "topk":
             flat = x.reshape(-1, x.shape[-1])
-            codes = self.encode_sparse(flat)
-            return (sparse_decode(codes, self.W_dec) + self.b_dec).reshape(x.shape)
+            return self.decode_sparse(self.encode_sparse(flat)).reshape(x.shape)
         return self.decode(self.encode(x))
 
     # ----- training ----------------------------------------------------------------------------
