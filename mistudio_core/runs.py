@@ -78,6 +78,9 @@ class TrainResult:
 def train_sae(job: TrainJob, callback: Callback = silent) -> TrainResult:
     """Train an SAE as `job` describes and save it in SAELens format under `job.out`."""
     hook = HookPoint.parse(job.hook)
+    for directory in (job.out, job.cache):
+        if directory:
+            _writable_directory(Path(directory))
     _prepare_demo(job.model.model_id, job.corpus, callback)
     corpus = Corpus.open(job.corpus, job.text_field)
     corpus_sha256 = corpus.fingerprint()
@@ -192,6 +195,20 @@ def evaluate_saved(
     )
     result.save(Path(sae_dir))
     return result
+
+
+def _writable_directory(directory: Path) -> None:
+    """Fail before any work if a directory the run writes to cannot be made or written."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / ".mistudio-write-test"
+        probe.touch()
+        probe.unlink()
+    except OSError as exc:
+        raise MistudioError(
+            f"cannot write to {directory}: {exc.strerror or exc}",
+            hint="pick a directory you can write to (check the path and its permissions)",
+        ) from exc
 
 
 def _prepare_demo(model_id: str, corpus: str, callback: Callback) -> None:

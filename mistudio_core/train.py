@@ -148,6 +148,9 @@ class Trainer:
             self._load_checkpoint()
             self.callback("log", {"message": f"resumed at step {self.step}"})
         else:
+            if resume:
+                self.callback("log", {"message": f"no checkpoint in {self.run_dir}: "
+                                                 "starting from step 0"})
             (self.run_dir / METRICS_FILE).unlink(missing_ok=True)
         total = self.config.total_steps
         clock = time.perf_counter()

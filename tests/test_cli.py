@@ -60,6 +60,7 @@ def test_resume_from_the_command_line(capsys, model_dir, tiny_corpus, tmp_path):
         ({"--k": "0"}, "bad_usage", "--k"),
         ({"--tokens": "lots"}, "bad_usage", "--tokens"),
         ({"--device": "cuda:3"}, "bad_input", "cuda"),
+        ({"--out": "/proc/no-such-dir/sae"}, "bad_input", "cannot write"),
     ],
 )
 def test_user_mistakes_exit_2_with_a_hint(capsys, model_dir, tiny_corpus, tmp_path, change,
