@@ -89,7 +89,7 @@ class ModelActivationSource:
 
     def windows(self) -> Iterator[list[int]]:
         """The corpus's windows, epoch after epoch."""
-        for epoch in itertools.count():
+        while True:
             produced = False
             for window in pack_windows(
                 self.corpus.documents(),
@@ -99,7 +99,7 @@ class ModelActivationSource:
             ):
                 produced = True
                 yield window
-            if not produced and epoch == 0:
+            if not produced:
                 raise MistudioError(
                     f"corpus {self.corpus.path.name} has fewer tokens than one context window "
                     f"({self.config.context_size})",
