@@ -4,8 +4,11 @@ Every command takes `--json` (one JSON document on stdout, nothing else there; p
 go to stderr). Exit status: 0 success, 1 the job failed, 2 bad usage or input, with a message
 and a hint on stderr (or in the JSON document).
 
-Job commands (`train`, `eval`) run in-process with `--local`. The daemon that will run them
-without `--local` is not part of this version, so they say so and exit 2 rather than guess.
+Job commands (`train`, `eval`) and `check-memory` go to the daemon (`mistudiod`) and wait for
+the result with a progress bar; `--detach` returns the job id at once and `--local` runs them in
+this process instead, through the same `mistudiod.jobs.run_job`. The control-plane commands
+(`status`, `gpu`, `jobs`, `job ...`, `corpus ...`) always talk to the daemon; `--runtime-dir` /
+`MISTUDIO_RUNTIME_DIR` says where it listens.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from mistudio_core.errors import MistudioError
+from mistudiod import remote
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -42,6 +46,8 @@ def _positive_int(text: str) -> int:
 
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON document")
+    parser.add_argument("--runtime-dir", type=Path,
+                        help="the daemon's socket directory (MISTUDIO_RUNTIME_DIR)")
 
 
 def _model_options(parser: argparse.ArgumentParser, required: bool = True) -> None:
@@ -72,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     memory.add_argument("--d-sae", type=_positive_int, help="SAE width (default 16x hidden)")
     memory.add_argument("--revision")
     memory.add_argument("--hf-token")
+    memory.add_argument("--local", action="store_true",
+                        help="price it against this machine's devices, without the daemon")
     _common(memory)
 
     train = commands.add_parser("train", help="train an SAE on a model's activations")
@@ -113,12 +121,33 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--tokens", type=_positive_int, default=100_000)
     _job_options(evaluate)
     _common(evaluate)
+
+    for name, text in (("status", "the daemon's status"), ("gpu", "the GPUs, as the daemon "
+                                                            "sees them")):
+        _common(commands.add_parser(name, help=text))
+    listing = commands.add_parser("jobs", help="list the daemon's jobs")
+    listing.add_argument("--limit", type=_positive_int, default=50)
+    _common(listing)
+    job = commands.add_parser("job", help="one job: show, cancel, logs, metrics, result")
+    job.add_argument("action", choices=["show", "cancel", "logs", "metrics", "result"])
+    job.add_argument("id", type=_positive_int)
+    _common(job)
+    corpus = commands.add_parser("corpus", help="corpora in the daemon's store")
+    corpus_actions = corpus.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    add = corpus_actions.add_parser("add", help="upload a .txt, .jsonl or .parquet file")
+    add.add_argument("file", type=Path)
+    add.add_argument("--name", help="its name in the store (default: the file's name)")
+    _common(add)
+    _common(corpus_actions.add_parser("list", help="list the uploaded corpora"))
     return parser
 
 
 def _job_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--local", action="store_true", help="run in this process, no daemon")
     parser.add_argument("--detach", action="store_true", help="print the job id and return")
+    parser.add_argument("--priority", type=int, default=0, help="higher runs first (-100..100)")
+    parser.add_argument("--retries", type=int, default=0,
+                        help="times to resume the job from its checkpoint after a crash")
 
 
 # ----- commands --------------------------------------------------------------------------------
@@ -132,6 +161,8 @@ def _demo_model(args, progress) -> dict:
 
 
 def _check_memory(args, _progress) -> dict:
+    if not args.local:
+        return remote.call(args, remote.check_memory)
     from mistudio_core.memory import preflight
     from mistudio_core.models import ModelSpec, load_config
 
@@ -148,72 +179,79 @@ def _check_memory(args, _progress) -> dict:
     return document
 
 
-def _train(args, progress) -> dict:
-    from mistudio_core.activations import ExtractionConfig
-    from mistudio_core.runs import TrainJob, train_sae
-    from mistudio_core.train import TrainConfig
-
-    _require_local(args)
-    train_config = TrainConfig(
-        total_tokens=args.tokens, batch_tokens=args.batch_tokens, lr=args.lr, seed=args.seed,
-        checkpoint_every=args.checkpoint_every,
-    )
-    job = TrainJob(
-        model=_model_spec(args), hook=args.hook, corpus=args.corpus, out=str(args.out),
-        architecture=args.arch, k=args.k, expansion=args.expansion, d_sae=args.d_sae,
-        l1_coefficient=args.l1_coefficient, l0_coefficient=args.l0_coefficient,
-        extraction=ExtractionConfig(context_size=args.context_size),
-        train=train_config, text_field=args.text_field,
-        cache=str(args.cache) if args.cache else None, resume=args.resume,
-        eval_tokens=args.eval_tokens,
-    )
-    progress.start("training", train_config.total_steps, unit="step")
-    return train_sae(job, progress.event).to_dict()
+def _train_params(args) -> dict:
+    return {
+        **_model_params(args), "hook": args.hook, "corpus": args.corpus,
+        "text_field": args.text_field, "out": str(args.out), "arch": args.arch, "k": args.k,
+        "expansion": args.expansion, "d_sae": args.d_sae, "tokens": args.tokens,
+        "context_size": args.context_size, "batch_tokens": args.batch_tokens, "lr": args.lr,
+        "seed": args.seed, "l1_coefficient": args.l1_coefficient,
+        "l0_coefficient": args.l0_coefficient,
+        "cache": str(args.cache) if args.cache else None, "eval_tokens": args.eval_tokens,
+        "checkpoint_every": args.checkpoint_every, "resume": args.resume,
+    }
 
 
-def _eval(args, progress) -> dict:
-    from mistudio_core.runs import evaluate_saved
+def _eval_params(args) -> dict:
+    return {**_model_params(args), "sae_dir": str(args.sae_dir), "corpus": args.corpus,
+            "text_field": args.text_field, "tokens": args.tokens}
 
-    _require_local(args)
-    progress.start("evaluating", args.tokens, unit="tok")
-    result = evaluate_saved(
-        args.sae_dir, _model_spec(args), args.corpus, args.tokens, args.text_field,
-        progress.event,
-    )
-    return {"path": str(args.sae_dir), "evaluation": result.to_dict(), "summary": result.summary()}
+
+def _model_params(args) -> dict:
+    return {"model": args.model, "revision": args.revision, "dtype": args.dtype,
+            "quantization": args.quantization, "device": args.device}
+
+
+def _job(kind: str, build_params: Callable) -> Callable:
+    """A job command: in this process with --local, else submitted to the daemon."""
+
+    def command(args, progress) -> dict:
+        params = build_params(args)
+        if args.local:
+            if args.detach:
+                raise MistudioError("--detach needs the daemon", hint="drop --detach or --local")
+            from mistudiod.jobs import run_job, validate_params
+
+            return run_job(kind, validate_params(kind, params), progress.event,
+                           token=_token(args))
+        if args.hf_token:
+            raise MistudioError(
+                "the daemon uses its own Hugging Face token, not --hf-token",
+                hint="set HF_TOKEN in the daemon's environment (or `hf auth login` as its "
+                     "user), or add --local", code="bad_usage")
+        for name in ("model", "corpus", "out", "cache", "sae_dir"):
+            if params.get(name):
+                params[name] = remote.local_path(params[name])
+        return remote.call(args, remote.submit_and_wait, kind, params, progress)
+
+    return command
+
+
+def _corpus(args, progress) -> dict:
+    if args.action == "add":
+        return remote.call(args, remote.corpus_add, progress)
+    return remote.call(args, remote.corpus_list)
+
+
+def _daemon(command: Callable) -> Callable:
+    return lambda args, _progress: remote.call(args, command)
 
 
 COMMANDS: dict[str, Callable] = {
     "demo-model": _demo_model,
     "check-memory": _check_memory,
-    "train": _train,
-    "eval": _eval,
+    "train": _job("train", _train_params),
+    "eval": _job("eval", _eval_params),
+    "status": _daemon(remote.status),
+    "gpu": _daemon(remote.gpu),
+    "jobs": _daemon(remote.jobs),
+    "job": _daemon(remote.job_command),
+    "corpus": _corpus,
 }
-
-
-def _require_local(args) -> None:
-    if not args.local:
-        raise MistudioError(
-            f"`mistudio {args.command}` runs through the daemon, which this version does not "
-            "include yet",
-            hint="add --local to run it in this process",
-            code="no_daemon",
-        )
-    if args.detach:
-        raise MistudioError("--detach needs the daemon", hint="drop --detach with --local")
 
 
 def _token(args) -> str | None:
     return args.hf_token or os.environ.get("HF_TOKEN")
-
-
-def _model_spec(args):
-    from mistudio_core.models import ModelSpec
-
-    return ModelSpec(
-        args.model, revision=args.revision, dtype=args.dtype, quantization=args.quantization,
-        device=args.device, token=_token(args),
-    )
 
 
 class _Progress:
@@ -225,6 +263,7 @@ class _Progress:
     def start(self, description: str, total: int, unit: str) -> None:
         from tqdm import tqdm
 
+        self.close()
         self.bar = tqdm(total=total, desc=description, unit=unit, file=sys.stderr,
                         dynamic_ncols=True, disable=None)
 
@@ -235,7 +274,9 @@ class _Progress:
             print(message, file=sys.stderr, flush=True)
 
     def event(self, kind: str, payload: dict) -> None:
-        if kind == "log":
+        if kind == "start":
+            self.start(payload["description"], payload["total"], payload["unit"])
+        elif kind == "log":
             self.line(payload["message"])
         elif kind == "metrics" and self.bar is not None:
             figures = {"loss": f"{payload['loss']:.4f}", "fve": f"{payload['fve']:.3f}",
@@ -255,12 +296,16 @@ class _Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+            self.bar = None
 
 
-def _render(command: str, document: dict) -> str:
+def _render(args, document: dict) -> str:
     """The human-readable form of a command's result."""
+    command = args.command
     if "summary" in document:
         return document["summary"]
+    if "job" in document and command in ("train", "eval", "job"):
+        return _render_job(document["job"])
     if command == "train":
         metrics = document["final_metrics"]
         lines = [f"SAE saved in {document['path']} after {document['steps']} steps",
@@ -271,7 +316,48 @@ def _render(command: str, document: dict) -> str:
 
             lines.append(EvalResult(**document["evaluation"]).summary())
         return "\n".join(lines)
-    return "\n".join(f"{key}: {value}" for key, value in document.items())
+    if command == "status":
+        jobs = document["jobs"]
+        gpus = document["gpus"]
+        return "\n".join([
+            f"mistudiod {document['version']} (pid {document['pid']}), up "
+            f"{document['uptime_s']:.0f} s; {document['runtime_dir']}",
+            f"jobs: {jobs['running']} running (max {document['max_jobs']}), {jobs['queued']} "
+            f"queued, {jobs['succeeded']} succeeded, {jobs['failed']} failed, "
+            f"{jobs['cancelled']} cancelled",
+            f"GPUs: {gpus['count']}" if gpus["available"] else f"GPUs: none ({gpus['reason']})",
+        ])
+    if command == "gpu":
+        from mistudiod.gpus import format_gpus
+
+        return format_gpus(document)
+    if command == "jobs":
+        return "\n".join([f"{'ID':>5}  {'STATE':<10} {'KIND':<6} {'PROGRESS':>8}  MODEL"] + [
+            f"{j['id']:>5}  {j['state']:<10} {j['kind']:<6} {100 * j['progress']:>7.1f}%  "
+            f"{j['params'].get('model', '')}" for j in document["jobs"]])
+    if "logs" in document:
+        return "\n".join(entry["message"] for entry in document["logs"])
+    if "points" in document:
+        return "\n".join(f"step {p['step']}: loss {p['loss']:.4f} FVE {p['fve']:.3f} "
+                         f"L0 {p['l0']:.1f} dead {p['dead_pct']:.1f}%"
+                         for p in document["points"])
+    if "corpora" in document:
+        return "\n".join(f"{c['name']:<40} {c['size']:>12} B  {c['sha256'][:12]}"
+                         for c in document["corpora"]) or "no corpora uploaded yet"
+    if "corpus" in document:
+        corpus = document["corpus"]
+        return f"uploaded {corpus['name']} ({corpus['size']} bytes, sha256 {corpus['sha256']})"
+    return "\n".join(f"{key}: {value}" for key, value in document.items() if key != "ok")
+
+
+def _render_job(job: dict) -> str:
+    lines = [f"job {job['id']} ({job['kind']}): {job['state']}, attempt {job['attempt']}, "
+             f"step {job['step']}/{job['total_steps']}, on {job['device'] or '-'}"]
+    if job.get("error"):
+        lines.append(f"error: {job['error']['message']}")
+    if job.get("result") and job["result"].get("path"):
+        lines.append(f"result: {job['result']['path']}")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -285,6 +371,9 @@ def main(argv: list[str] | None = None) -> int:
     except MistudioError as error:
         progress.close()
         return _fail(error.to_dict(), wants_json, EXIT_USAGE)
+    except remote.JobFailed as failure:
+        progress.close()
+        return _fail(failure.error, wants_json, failure.status, job=failure.job)
     except KeyboardInterrupt:
         progress.close()
         return _fail({"code": "interrupted", "message": "interrupted",
@@ -299,13 +388,13 @@ def main(argv: list[str] | None = None) -> int:
     if wants_json:
         print(json.dumps({"ok": True, **document}, default=str))
     else:
-        print(_render(args.command, document))
+        print(_render(args, document))
     return EXIT_OK
 
 
-def _fail(error: dict, wants_json: bool, status: int) -> int:
+def _fail(error: dict, wants_json: bool, status: int, **extra) -> int:
     if wants_json:
-        print(json.dumps({"ok": False, "error": error}))
+        print(json.dumps({"ok": False, "error": error, **extra}, default=str))
     else:
         print(f"mistudio: error: {error['message']}", file=sys.stderr)
         if error.get("hint"):

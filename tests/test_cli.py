@@ -79,21 +79,22 @@ def test_user_mistakes_exit_2_with_a_hint(capsys, model_dir, tiny_corpus, tmp_pa
     assert document["error"]["hint"]
 
 
-def test_job_commands_need_local_until_the_daemon_exists(capsys, model_dir, tiny_corpus,
-                                                         tmp_path):
+def test_job_commands_without_a_daemon_say_how_to_start_one(capsys, model_dir, tiny_corpus,
+                                                            tmp_path):
     argv = _train_args(model_dir, tiny_corpus, tmp_path / "x")
     argv.remove("--local")
-    status, document = _run(capsys, *argv)
+    status, document = _run(capsys, *argv, "--runtime-dir", str(tmp_path / "no-daemon"))
     assert status == 2 and document["error"]["code"] == "no_daemon"
+    assert "mistudiod --background" in document["error"]["hint"]
     assert "--local" in document["error"]["hint"]
 
 
 def test_check_memory(capsys, model_dir):
-    status, document = _run(capsys, "check-memory", model_dir, "--layer", "1")
+    status, document = _run(capsys, "check-memory", model_dir, "--layer", "1", "--local")
     assert status == 0
     assert document["recommended_quantization"] == "none"
     assert document["parameters"]["total"] > 0
-    status, document = _run(capsys, "check-memory", model_dir, "--layer", "5")
+    status, document = _run(capsys, "check-memory", model_dir, "--layer", "5", "--local")
     assert status == 2 and "layer" in document["error"]["message"]
 
 

@@ -1,0 +1,546 @@
+"""The model host: one subprocess per device that keeps models loaded (DESIGN.md section 4).
+
+Loading a model takes seconds to minutes; the interactive services (monitor and steer sessions)
+must answer in well under a second, so they run in a process that keeps models resident. Each
+device (cpu, cuda:0, ...) gets its own host, so a crash or an out-of-memory on one GPU costs only
+that GPU's models, never the daemon.
+
+Three parts live here:
+
+- `ModelCache`: the models one host holds, least recently used first, within a byte budget.
+- The host process (`python -m mistudiod.modelhost`): reads its settings as one JSON document on
+  stdin (the key never shows in `ps`), binds a ROUTER socket and answers signed requests through
+  the handlers in `HANDLERS`. New request types (monitor and steer sessions) plug in there.
+- `ModelHostClient`: the daemon's asyncio handle on one host, which starts, talks to and stops it.
+
+The daemon side imports neither torch nor transformers (5 s and hundreds of MB): the host imports
+them lazily, in its loader thread, so it answers pings at once and warms up in the background.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import gc
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from itertools import chain
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import zmq
+import zmq.asyncio
+
+from mistudio_core.errors import MistudioError
+from mistudiod.protocol import (
+    MAX_FRAME_BYTES,
+    ProtocolError,
+    Session,
+    error_content,
+    ok,
+    raise_for_error,
+)
+from mistudiod.schema import Field, Schema
+
+if TYPE_CHECKING:
+    from mistudio_core.models import HookedModel, ModelSpec
+
+log = logging.getLogger("mistudiod.modelhost")
+
+# The host answers its first ping before importing torch, but a loaded machine can be slow to
+# start any Python process at all.
+START_TIMEOUT = 60.0
+STOP_TIMEOUT = 10.0
+PR_SET_PDEATHSIG = 1
+
+CacheKey = tuple[str, str | None, str, str]  # model_id, revision, dtype, quantization
+
+
+# ----- the cache --------------------------------------------------------------------------------
+
+
+@dataclass
+class _Entry:
+    model: HookedModel
+    info: dict
+
+
+class ModelCache:
+    """The models loaded on one device, evicted least recently used first to stay in budget.
+
+    A model is keyed by (model_id, revision, dtype, quantization) as requested, with the dtype
+    resolved for the device (`auto` on a CPU is float32), so the same request always finds the
+    same model. Its size is measured after loading (parameters and buffers), but room is made
+    before loading from an estimate of its weights: on a GPU, holding the old models while the
+    new one loads is what would run out of memory.
+
+    Loads are serialised; `get`, `held` and `unload` may run in other threads meanwhile.
+    """
+
+    def __init__(self, device: str, budget_bytes: int) -> None:
+        self.device = device
+        self.budget_bytes = budget_bytes
+        self._entries: OrderedDict[CacheKey, _Entry] = OrderedDict()
+        self._lock = threading.Lock()  # guards _entries; never held while loading
+        self._loading = threading.Lock()  # one load at a time
+
+    @property
+    def used_bytes(self) -> int:
+        with self._lock:
+            return self._used_locked()
+
+    def load(self, spec: ModelSpec) -> dict:
+        """Load `spec` on this device (or touch it if held) and return its info."""
+        from mistudio_core.models import is_causal_lm, load_config, load_model
+
+        spec = replace(spec, device=self.device)
+        key = self._key(spec)
+        with self._loading:
+            if (info := self._touch(key)) is not None:
+                return info
+            config = load_config(spec)
+            with_lm_head = is_causal_lm(config)  # encoders have no LM head to steer with
+            estimate = _estimated_bytes(spec, config)
+            if estimate > self.budget_bytes:
+                raise self._too_big(spec, estimate, "would take")
+            self._make_room(estimate)
+            loaded_at, started = time.time(), time.perf_counter()
+            model = load_model(spec, with_lm_head=with_lm_head)
+            size = _model_bytes(model)
+            if size > self.budget_bytes:
+                del model
+                self._free()
+                raise self._too_big(spec, size, "takes")
+            self._make_room(size)
+            info = {
+                "key": _key_text(key), "model_id": spec.model_id, "revision": spec.revision,
+                "dtype": _dtype_name(model.dtype), "quantization": model.quantization,
+                "device": str(model.device), "bytes": size,
+                "load_seconds": round(time.perf_counter() - started, 3),
+                "loaded_at": loaded_at, "last_used": time.time(),
+            }
+            with self._lock:
+                self._entries[key] = _Entry(model, info)
+            log.info("loaded %s (%d bytes) in %.1f s", info["key"], size, info["load_seconds"])
+            return dict(info)
+
+    def get(self, spec: ModelSpec) -> HookedModel:
+        """The loaded model for `spec`, now the most recently used."""
+        key = self._key(replace(spec, device=self.device))
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                raise MistudioError(
+                    f"{_key_text(key)} is not loaded on {self.device}",
+                    hint="load it first", code="not_loaded",
+                )
+            self._touch_locked(key)
+            return entry.model
+
+    def unload(self, model_id_or_key: str) -> bool:
+        """Drop every model whose key or model id is `model_id_or_key`; say whether any was."""
+        with self._lock:
+            keys = [key for key, entry in self._entries.items()
+                    if model_id_or_key in (entry.info["key"], entry.info["model_id"])]
+            dropped = [self._entries.pop(key) for key in keys]
+        if not dropped:
+            return False
+        log.info("unloaded %s", ", ".join(entry.info["key"] for entry in dropped))
+        del dropped
+        self._free()
+        return True
+
+    def held(self) -> list[dict]:
+        """The info of every model held, least recently used first."""
+        with self._lock:
+            return [dict(entry.info) for entry in self._entries.values()]
+
+    def _key(self, spec: ModelSpec) -> CacheKey:
+        from mistudio_core.models import resolve_device, resolve_dtype
+
+        dtype = _dtype_name(resolve_dtype(spec.dtype, resolve_device(spec.device)))
+        return (spec.model_id, spec.revision, dtype, spec.quantization)
+
+    def _touch(self, key: CacheKey) -> dict | None:
+        with self._lock:
+            if key not in self._entries:
+                return None
+            self._touch_locked(key)
+            return dict(self._entries[key].info)
+
+    def _touch_locked(self, key: CacheKey) -> None:
+        self._entries.move_to_end(key)
+        self._entries[key].info["last_used"] = time.time()
+
+    def _used_locked(self) -> int:
+        return sum(entry.info["bytes"] for entry in self._entries.values())
+
+    def _make_room(self, needed: int) -> None:
+        """Evict least recently used models until `needed` more bytes fit in the budget."""
+        with self._lock:
+            used = self._used_locked()
+            evicted = []
+            while self._entries and used + needed > self.budget_bytes:
+                _, entry = self._entries.popitem(last=False)
+                used -= entry.info["bytes"]
+                evicted.append(entry.info["key"])
+        if evicted:
+            log.info("evicted %s to make room", ", ".join(evicted))
+            self._free()
+
+    def _free(self) -> None:
+        """Return dropped models' memory now, not at the next collection: a GPU needs it back."""
+        gc.collect()
+        if self.device.startswith("cuda"):
+            import torch
+
+            torch.cuda.empty_cache()
+
+    def _too_big(self, spec: ModelSpec, size: int, verb: str) -> MistudioError:
+        return MistudioError(
+            f"{spec.model_id} {verb} {size / 2**20:.1f} MiB, more than the model host's budget "
+            f"of {self.budget_bytes / 2**20:.1f} MiB on {self.device}",
+            hint="load it quantized (quantization 8bit or 4bit) or in a smaller dtype, "
+            "or give the daemon a larger model memory budget",
+            code="out_of_memory",
+        )
+
+
+def _estimated_bytes(spec: ModelSpec, config) -> int:
+    """The weights' size from the config alone, as `mistudio check-memory` prices them."""
+    from mistudio_core.memory import count_parameters, weight_bytes
+    from mistudio_core.models import resolve_device, resolve_dtype, resolve_quantization
+
+    dtype = resolve_dtype(spec.dtype, resolve_device(spec.device))
+    return weight_bytes(count_parameters(config), None, resolve_quantization(spec, config), dtype)
+
+
+def _model_bytes(model: HookedModel) -> int:
+    module = model.model
+    return sum(tensor.nbytes for tensor in chain(module.parameters(), module.buffers()))
+
+
+def _dtype_name(dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _key_text(key: CacheKey) -> str:
+    model_id, revision, dtype, quantization = key
+    at = f"@{revision}" if revision else ""
+    return f"{model_id}{at}:{dtype}:{quantization}"
+
+
+# ----- the host process -------------------------------------------------------------------------
+
+
+class ModelHost:
+    """What the request handlers share: the cache, the loads under way, the loader thread.
+
+    Loading runs in one worker thread so that the event loop keeps answering (`host.list`,
+    `host.ping`, and later monitor and steer requests) while a model loads.
+    """
+
+    def __init__(self, device: str, budget_bytes: int) -> None:
+        self.device = device
+        self.cache = ModelCache(device, budget_bytes)
+        self.loading: list[str] = []
+        self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-loader")
+
+    def warm_up(self) -> None:
+        """Import torch and the model code in the loader thread before the first load needs it."""
+        self._loader.submit(__import__, "mistudio_core.models")
+
+    async def in_loader(self, work: Callable[[], Any]) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._loader, work)
+
+
+def _spec(request: dict) -> ModelSpec:
+    from mistudio_core.models import ModelSpec
+
+    return ModelSpec(request["model"], revision=request["revision"], dtype=request["dtype"],
+                     quantization=request["quantization"])
+
+
+async def _load(host: ModelHost, request: dict) -> dict:
+    host.loading.append(request["model"])
+    try:
+        return ok(model=await host.in_loader(lambda: host.cache.load(_spec(request))))
+    finally:
+        host.loading.remove(request["model"])
+
+
+async def _unload(host: ModelHost, request: dict) -> dict:
+    return ok(unloaded=await asyncio.to_thread(host.cache.unload, request["model"]))
+
+
+async def _list(host: ModelHost, request: dict) -> dict:
+    return ok(device=host.device, budget_bytes=host.cache.budget_bytes,
+              used_bytes=host.cache.used_bytes, models=host.cache.held(),
+              loading=list(host.loading))
+
+
+async def _ping(host: ModelHost, request: dict) -> dict:
+    return ok(pid=os.getpid())
+
+
+@dataclass(frozen=True)
+class Handler:
+    """A request type: the fields it takes and the coroutine that answers it."""
+
+    schema: Schema
+    run: Callable[[ModelHost, dict], Awaitable[dict]]
+
+
+# A hub id or a directory: not empty (that would be the current directory), no NUL or newline.
+_MODEL = Field(str, required=True, max_length=1024, pattern=r"[^\x00\n]+")
+HANDLERS: dict[str, Handler] = {
+    "host.load": Handler(Schema(
+        model=_MODEL,
+        revision=Field(str, max_length=256),
+        dtype=Field(str, default="auto", max_length=16),  # checked against the device on load
+        quantization=Field(str, default="none", max_length=16),  # checked with the config
+    ), _load),
+    "host.unload": Handler(Schema(model=_MODEL), _unload),
+    "host.list": Handler(Schema(), _list),
+    "host.ping": Handler(Schema(), _ping),
+}
+
+
+async def _answer(host: ModelHost, request_type: str, content: dict) -> dict:
+    """The reply content for one request: a handler's answer, or the error it ran into."""
+    handler = HANDLERS.get(request_type)
+    try:
+        if handler is None:
+            raise MistudioError(f"the model host has no request {request_type!r}",
+                                hint="known: " + ", ".join(sorted(HANDLERS)),
+                                code="unknown_request")
+        return await handler.run(host, handler.schema.validate(content))
+    except MistudioError as exc:
+        return error_content(exc)
+    except Exception as exc:  # a bug or a library failure: report it, keep serving
+        log.exception("%s failed", request_type)
+        return error_content(MistudioError(
+            f"{type(exc).__name__}: {exc}",
+            hint="see the daemon's log for the traceback", code="host_error",
+        ))
+
+
+async def serve(config: dict) -> None:
+    """Answer requests on `config["endpoint"]` until the process is stopped."""
+    device = config["device"]
+    host = ModelHost(device, int(config["budget_bytes"]))
+    session = Session(config["key"].encode(), session=f"host-{device}")
+    context = zmq.asyncio.Context()
+    socket = context.socket(zmq.ROUTER)
+    socket.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)
+    socket.bind(config["endpoint"])
+    host.warm_up()
+    log.info("serving %s on %s (budget %d bytes)", device, config["endpoint"],
+             host.cache.budget_bytes)
+    replies: set[asyncio.Task] = set()
+
+    async def reply(request) -> None:
+        content = await _answer(host, request.type, request.content)
+        await socket.send_multipart(session.reply(request, content))
+
+    while True:
+        frames = await socket.recv_multipart()
+        try:
+            request = session.deserialize(frames)
+        except ProtocolError as exc:
+            log.warning("dropped a message: %s", exc)
+            continue
+        task = asyncio.create_task(reply(request))
+        replies.add(task)
+        task.add_done_callback(replies.discard)
+
+
+def _die_with_parent(parent_pid: int | None) -> None:
+    """Ask Linux to SIGKILL this process when the daemon dies, so no host outlives it.
+
+    The signal follows the thread that forked us: the daemon spawns hosts from its event loop,
+    in its main thread. If the daemon died before the request took effect, leave at once.
+    """
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (AttributeError, OSError):  # not Linux: the daemon's stop() is the only way out
+        return
+    if parent_pid and os.getppid() != parent_pid:
+        sys.exit("mistudiod model host: the daemon is gone")
+
+
+class _JournalFormatter(logging.Formatter):
+    """Prefixes lines with their syslog priority, which journald reads off stderr."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        priority = 3 if record.levelno >= logging.ERROR else (
+            4 if record.levelno >= logging.WARNING else 6)
+        return f"<{priority}>{super().format(record)}"
+
+
+def main() -> None:
+    config = json.loads(sys.stdin.read())
+    _die_with_parent(config.get("parent_pid"))
+    stream = logging.StreamHandler(sys.stderr)
+    stream.setFormatter(_JournalFormatter(f"model host {config['device']}: %(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[stream])
+    asyncio.run(serve(config))
+
+
+# ----- the daemon's handle ----------------------------------------------------------------------
+
+
+class ModelHostClient:
+    """The daemon's handle on the model host of one device: start, request, stop.
+
+    Requests are signed like every message (DESIGN.md section 4) and matched to their replies by
+    `parent_id`, so many can be in flight on the one DEALER socket. If the host dies, every
+    request waiting on it fails at once with `host_died`; `start()` brings up a new one.
+    """
+
+    def __init__(self, device: str, runtime_dir: Path, key: bytes, budget_bytes: int) -> None:
+        self.device = device
+        self.endpoint = f"ipc://{runtime_dir}/host-{device.replace(':', '-')}.sock"
+        self.budget_bytes = budget_bytes
+        self._key = key
+        self._session = Session(key, session=f"daemon-to-host-{device}")
+        self._process: asyncio.subprocess.Process | None = None
+        self._socket: zmq.asyncio.Socket | None = None
+        self._reader: asyncio.Task | None = None
+        self._watcher: asyncio.Task | None = None
+        self._pending: dict[str, asyncio.Future] = {}
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
+    @property
+    def alive(self) -> bool:
+        return self._process is not None and self._process.returncode is None
+
+    async def start(self) -> None:
+        """Start the host (unless it runs) and wait until it answers a ping."""
+        if self.alive:
+            return
+        await self.stop()  # the remains of a host that died
+        # A session of its own: a Ctrl-C on a foreground daemon is for the daemon, which then
+        # stops its hosts itself.
+        self._process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "mistudiod.modelhost",
+            stdin=asyncio.subprocess.PIPE, start_new_session=True,
+        )
+        settings = {"key": self._key.decode(), "endpoint": self.endpoint, "device": self.device,
+                    "budget_bytes": self.budget_bytes, "parent_pid": os.getpid()}
+        try:
+            self._process.stdin.write(json.dumps(settings).encode())
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # ping says why
+                await self._process.stdin.drain()
+                self._process.stdin.close()
+            self._socket = zmq.asyncio.Context.instance().socket(zmq.DEALER)
+            self._socket.setsockopt(zmq.LINGER, 0)
+            self._socket.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)
+            self._socket.connect(self.endpoint)
+            self._reader = asyncio.create_task(self._read(self._socket))
+            self._watcher = asyncio.create_task(self._watch(self._process))
+            raise_for_error(await self.request("host.ping", {}, timeout=START_TIMEOUT))
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def request(self, msg_type: str, content: dict, timeout: float = 30.0) -> dict:
+        """Send one request and return the content of its reply (check it with raise_for_error)."""
+        if not self.alive or self._socket is None:
+            raise self._died()
+        header = self._session.header(msg_type)
+        future = asyncio.get_running_loop().create_future()
+        self._pending[header["msg_id"]] = future
+        try:
+            await self._socket.send_multipart(
+                self._session.serialize(msg_type, content, header=header))
+            return await asyncio.wait_for(future, timeout)
+        except TimeoutError:
+            raise MistudioError(
+                f"the model host for {self.device} did not answer {msg_type} in {timeout:g} s",
+                hint="it may be busy loading a model; try again, or restart the daemon",
+                code="host_timeout",
+            ) from None
+        finally:
+            self._pending.pop(header["msg_id"], None)
+
+    async def stop(self) -> None:
+        """SIGTERM the host, SIGKILL it if it lingers, and close the socket."""
+        process = self._process
+        if process is not None and process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                process.terminate()
+            try:
+                await asyncio.wait_for(process.wait(), STOP_TIMEOUT)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    process.kill()
+                await process.wait()
+        if self._watcher is not None:
+            await self._watcher  # fails what still waits on the host
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
+        if self._socket is not None:
+            self._socket.close(linger=0)
+        self._socket = self._reader = self._watcher = None
+
+    async def _read(self, socket: zmq.asyncio.Socket) -> None:
+        while True:
+            frames = await socket.recv_multipart()
+            try:
+                reply = self._session.deserialize(frames)
+            except ProtocolError as exc:
+                log.warning("dropped a message from the %s model host: %s", self.device, exc)
+                continue
+            future = self._pending.get(reply.parent_id or "")
+            if future is not None and not future.done():
+                future.set_result(reply.content)
+
+    async def _watch(self, process: asyncio.subprocess.Process) -> None:
+        await process.wait()
+        if process.returncode != -signal.SIGTERM:
+            log.error("%s", self._died())
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(self._died())
+
+    def _died(self) -> MistudioError:
+        status = None if self._process is None else self._process.returncode
+        if status is None:
+            what = "is not running"
+        elif status < 0:
+            what = f"was killed by {_signal_name(-status)}"
+        else:
+            what = f"exited with status {status}"
+        return MistudioError(
+            f"the model host for {self.device} {what}",
+            hint="its models are gone; load them again (the daemon's log says why it stopped)",
+            code="host_died",
+        )
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:  # a real-time signal has no name
+        return f"signal {number}"
+
+
+if __name__ == "__main__":
+    main()

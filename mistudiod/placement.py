@@ -1,0 +1,82 @@
+"""Which device a job runs on: the memory preflight's estimate against each GPU's free memory.
+
+NVML's free memory lags behind a job that has just started, so the placer also subtracts what it
+has already promised to the jobs it placed (their estimates) until they end. A job whose model is
+too big for every GPU fails at once with the preflight's advice; one that would fit once other
+jobs end waits in the queue. Without GPUs every job runs on the CPU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from mistudio_core.errors import MistudioError
+
+if TYPE_CHECKING:
+    from mistudio_core.memory import DeviceMemory
+
+
+class Placer:
+    """Places jobs on `devices()` (the GPU manager's live list, "cpu" when there is no GPU)."""
+
+    def __init__(self, devices: Callable[[], list[DeviceMemory]]) -> None:
+        self._devices = devices
+        self._reserved: dict[int, tuple[str, int]] = {}
+
+    def place(self, job_id: int, requested: str, need_bytes: int | None) -> str | None:
+        """The device for a job, or None when it must wait for room. Raises if it never fits."""
+        devices = [d for d in self._devices() if d.name != "cpu"]
+        if requested == "cpu" or (requested == "auto" and not devices):
+            return "cpu"
+        if requested != "auto":
+            wanted = "cuda:0" if requested == "cuda" else requested
+            devices = [d for d in devices if d.name == wanted]
+            if not devices:
+                raise MistudioError(
+                    f"there is no GPU {requested} on the daemon's machine",
+                    hint="use --device auto (or see `mistudio gpu`)", code="bad_input",
+                )
+        need = need_bytes or 0
+        if need > max(d.total_bytes for d in devices):
+            raise MistudioError(
+                f"the job needs about {need / 2**30:.1f} GiB, more than any GPU has",
+                hint="use --quantization 4bit, an earlier layer, or a smaller --d-sae "
+                     "(`mistudio check-memory` shows what fits)",
+                code="out_of_memory",
+            )
+        room = {d.name: d.free_bytes - self._promised(d.name) for d in devices}
+        best = max(room, key=room.get)
+        if room[best] < need:
+            return None
+        self._reserved[job_id] = (best, need)
+        return best
+
+    def release(self, job_id: int) -> None:
+        self._reserved.pop(job_id, None)
+
+    def _promised(self, device: str) -> int:
+        return sum(need for name, need in self._reserved.values() if name == device)
+
+
+def estimate_train_bytes(params: dict) -> int | None:
+    """What a training job needs on its GPU by the memory preflight (None when unknown).
+
+    Reads the model's config only; the demo model is tiny and is left unestimated so that
+    scheduling never waits for it to be built.
+    """
+    from mistudio_core.demo import DEMO_MODEL_ALIAS
+    from mistudio_core.hooks import HookPoint
+    from mistudio_core.memory import preflight
+    from mistudio_core.models import ModelSpec, load_config
+
+    if params["model"] == DEMO_MODEL_ALIAS:
+        return None
+    config = load_config(ModelSpec(params["model"], revision=params["revision"]))
+    report = preflight(config, model_id=params["model"],
+                       layer=HookPoint.parse(params["hook"]).layer,
+                       context_size=params["context_size"], d_sae=params["d_sae"])
+    quantization = params["quantization"]
+    if quantization == "auto":
+        quantization = report.recommended_quantization or "4bit"
+    return next(e.total_bytes for e in report.estimates if e.quantization == quantization)

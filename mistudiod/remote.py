@@ -1,0 +1,171 @@
+"""The CLI's commands that go through the daemon (DESIGN.md section 7).
+
+Each takes the parsed arguments and a progress reporter and returns the JSON document the CLI
+prints. Job commands submit, then follow the job's events with a progress bar until it ends
+(`--detach` returns the id at once); they poll `job.show` as well, so a daemon restart or a
+missed event never leaves them waiting forever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+from pathlib import Path
+
+from mistudio_core.errors import MistudioError
+from mistudiod.client import Client
+from mistudiod.queue import FINISHED
+
+# Job errors that are the user's to fix (exit 2); anything else is a failed job (exit 1).
+USER_ERRORS = {"bad_input", "bad_usage", "bad_request", "model_not_found", "bad_corpus",
+               "bad_sae", "out_of_memory", "not_found"}
+_POLL_S = 2.0
+
+
+class JobFailed(Exception):
+    """A job that ended without success; carries its error document and its exit status."""
+
+    def __init__(self, job: dict) -> None:
+        super().__init__(job["error"]["message"] if job.get("error") else job["state"])
+        self.job = job
+        self.error = job.get("error") or {"code": job["state"], "message": job["state"],
+                                          "hint": ""}
+        self.status = 2 if self.error.get("code") in USER_ERRORS else 1
+
+
+def local_path(value: str | None) -> str | None:
+    """A path on this machine, made absolute for the daemon; names and hub ids pass as they
+    are (the daemon resolves corpus names in its own store)."""
+    if value is None or value == "demo":
+        return value
+    path = Path(value).expanduser()
+    return str(path.absolute()) if path.exists() or os.sep in value else value
+
+
+def call(args, coroutine_function, *extra):
+    """Run one async client command to completion."""
+
+    async def run():
+        async with Client(args.runtime_dir) as client:
+            return await coroutine_function(client, args, *extra)
+
+    return asyncio.run(run())
+
+
+async def submit_and_wait(client: Client, args, kind: str, params: dict, progress) -> dict:
+    reply = await client.request("job.submit", {"kind": kind, "params": params,
+                                                "priority": args.priority,
+                                                "max_retries": args.retries})
+    job = reply["job"]
+    if args.detach:
+        progress.line(f"job {job['id']} queued; follow it with `mistudio job show {job['id']}`")
+        return {"job": job}
+    try:
+        job = await follow(client, job["id"], progress)
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        progress.line(f"job {job['id']} keeps running in the daemon; "
+                      f"`mistudio job cancel {job['id']}` stops it")
+        raise
+    if job["state"] != "succeeded":
+        raise JobFailed(job)
+    return {"job_id": job["id"], **(job["result"] or {})}
+
+
+async def follow(client: Client, job_id: int, progress) -> dict:
+    """Show a job's logs and metrics as they come; return the job once it has ended."""
+    client.subscribe(f"job.{job_id}.")
+    shown_log, job = 0, None
+    while True:
+        event = await client.next_event(timeout=_POLL_S)
+        if event is not None and event.topic.endswith(".log"):
+            if event.content["id"] > shown_log:
+                progress.line(event.content["message"])
+                shown_log = event.content["id"]
+            continue
+        if event is not None and event.topic.endswith(".metrics"):
+            progress.event("metrics", event.content["point"])
+            continue
+        job = event.content["job"] if event is not None else (
+            await client.request("job.show", {"id": job_id}, retries=5))["job"]
+        if event is None or event.resync:  # catch up on log lines we may have missed
+            logs = await client.request("job.logs", {"id": job_id, "since": shown_log},
+                                        retries=5)
+            for entry in logs["logs"]:
+                progress.line(entry["message"])
+                shown_log = entry["id"]
+        if job["total_steps"] and progress.bar is None:
+            progress.start(job["kind"], job["total_steps"], unit="step")
+        if job["state"] in FINISHED:
+            return job
+
+
+# ----- control-plane commands ------------------------------------------------------------------
+
+
+async def status(client: Client, args) -> dict:
+    return await client.request("daemon.status", retries=2)
+
+
+async def gpu(client: Client, args) -> dict:
+    return await client.request("gpu.status", retries=2)
+
+
+async def jobs(client: Client, args) -> dict:
+    return await client.request("job.list", {"limit": args.limit}, retries=2)
+
+
+async def job_command(client: Client, args) -> dict:
+    if args.action == "show":
+        return await client.request("job.show", {"id": args.id}, retries=2)
+    if args.action == "cancel":
+        return await client.request("job.cancel", {"id": args.id})
+    if args.action == "logs":
+        return await client.request("job.logs", {"id": args.id}, retries=2)
+    if args.action == "metrics":
+        return await client.request("job.metrics", {"id": args.id}, retries=2)
+    return await client.request("job.result", {"id": args.id}, retries=2)
+
+
+async def check_memory(client: Client, args) -> dict:
+    return await client.request("model.check_memory", {
+        "model": local_path(args.model), "revision": args.revision,
+        "quantization": args.quantization, "layer": args.layer,
+        "context_size": args.context_size, "d_sae": args.d_sae,
+    }, timeout=120)
+
+
+async def corpus_list(client: Client, args) -> dict:
+    return await client.request("corpus.list", retries=2)
+
+
+async def corpus_add(client: Client, args, progress) -> dict:
+    """Upload a file in checksummed chunks; the daemon makes it visible only when complete."""
+    path = Path(args.file)
+    try:
+        size = path.stat().st_size
+        digest = await asyncio.to_thread(_sha256, path)
+    except OSError as exc:
+        raise MistudioError(f"cannot read {path}: {exc.strerror or exc}",
+                            hint="give a readable .txt, .jsonl or .parquet file") from exc
+    name = args.name or path.name
+    begun = await client.request("corpus.upload.begin",
+                                 {"name": name, "size": size, "sha256": digest})
+    progress.start(f"uploading {name}", size, unit="B")
+    with open(path, "rb") as handle:
+        offset = 0
+        while chunk := handle.read(begun["chunk_bytes"]):
+            await client.request("corpus.upload.chunk",
+                                 {"upload_id": begun["upload_id"], "offset": offset},
+                                 buffers=[chunk], timeout=60)
+            offset += len(chunk)
+            progress.event("progress", {"tokens": offset})
+    return await client.request("corpus.upload.end", {"upload_id": begun["upload_id"]})
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -1,0 +1,128 @@
+"""A job's worker process: runs one attempt of one job and reports over a PUSH socket.
+
+The daemon starts `python -m mistudiod.worker` and writes the assignment to its stdin as one JSON
+document: `{key, endpoint, job_id, attempt, kind, params, resume, heartbeat_s, threads}`. The
+worker runs `mistudiod.jobs.run_job` (the code `--local` runs) and sends every progress event,
+a heartbeat every `heartbeat_s` seconds, and finally a `done` event with the result or the
+error. Each report names the job and the attempt, which the daemon checks against its fencing
+token. A crash, an OOM kill or a SIGKILL leaves no `done`: the daemon sees the exit status and
+fails or retries the job. The worker dies with the daemon (PR_SET_PDEATHSIG), so a restarted
+daemon never finds an orphan still writing the run directory it resumes.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import signal
+import sys
+import threading
+import traceback
+
+import zmq
+
+from mistudio_core.errors import MistudioError
+from mistudiod.jobs import run_job
+from mistudiod.protocol import Session
+
+_PR_SET_PDEATHSIG = 1
+# Jobs run at a lower CPU priority than the daemon, so that a training job that saturates the
+# cores never makes the control plane (status, cancel, the TUI's refreshes) wait for a core.
+WORKER_NICENESS = 10
+
+
+def die_with_parent() -> None:
+    """Ask Linux to SIGKILL this process when its parent (the daemon) dies."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except OSError:  # not Linux: the lease expiry covers orphans there
+        return
+    if os.getppid() == 1:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+class Reporter:
+    """Signed reports to the daemon; a lock because the heartbeat thread sends too."""
+
+    def __init__(self, spec: dict) -> None:
+        self.job_id, self.attempt = spec["job_id"], spec["attempt"]
+        self.session = Session(spec["key"].encode(), session=f"worker-{self.job_id}")
+        self.socket = zmq.Context.instance().socket(zmq.PUSH)
+        self.socket.connect(spec["endpoint"])
+        self.lock = threading.Lock()
+
+    def __call__(self, kind: str, payload: dict) -> None:
+        content = {"job_id": self.job_id, "attempt": self.attempt, "kind": kind,
+                   "payload": payload, "pid": os.getpid()}
+        frames = self.session.serialize("worker.report", _plain(content))
+        with self.lock:
+            self.socket.send_multipart(frames)
+
+    def close(self) -> None:
+        self.socket.close(linger=10_000)
+
+
+def _plain(value):
+    """JSON-safe copy (numpy scalars, paths): what msgpack can carry."""
+    return json.loads(json.dumps(value, default=_default))
+
+
+def _default(value):
+    if hasattr(value, "item"):
+        return value.item()
+    return str(value)
+
+
+def _heartbeats(report: Reporter, interval: float, stop: threading.Event) -> None:
+    while not stop.wait(interval):
+        report("heartbeat", {})
+
+
+def main() -> int:
+    die_with_parent()
+    os.nice(WORKER_NICENESS)
+    spec = json.loads(sys.stdin.read())
+    # SIGTERM (a cancel) ends the job like Ctrl-C ends a local run.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    if spec.get("threads"):
+        import torch
+
+        torch.set_num_threads(spec["threads"])
+    report = Reporter(spec)
+    stop = threading.Event()
+    threading.Thread(target=_heartbeats, args=(report, spec["heartbeat_s"], stop),
+                     daemon=True).start()
+    status = 0
+    try:
+        result = run_job(spec["kind"], spec["params"], report, resume=spec["resume"])
+        report("done", {"ok": True, "result": result})
+    except MistudioError as error:
+        report("done", {"ok": False, "error": error.to_dict()})
+        status = 2
+    except KeyboardInterrupt:
+        report("done", {"ok": False, "error": {"code": "cancelled", "message": "cancelled",
+                                               "hint": ""}})
+        status = 130
+    except BaseException as error:  # a bug, or the machine (OOM): the job fails, not the daemon
+        report("log", {"message": traceback.format_exc(), "level": "error"})
+        report("done", {"ok": False, "error": _failure(error)})
+        status = 1
+    finally:
+        stop.set()
+        report.close()
+    return status
+
+
+def _failure(error: BaseException) -> dict:
+    if type(error).__name__ == "OutOfMemoryError":  # torch.OutOfMemoryError (CUDA)
+        return {"code": "out_of_memory", "message": f"out of GPU memory: {error}",
+                "hint": "use --quantization 4bit, a smaller --batch-tokens or --d-sae, "
+                        "or wait for other jobs on that GPU to finish"}
+    return {"code": "job_failed", "message": f"{type(error).__name__}: {error}",
+            "hint": "the job's log has the traceback; report it if it looks like a bug"}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,296 @@
+"""The worker pool: claims queued jobs, runs each in its own process, and settles the outcome.
+
+Up to `max_jobs` workers run at once. Each report a worker PUSHes (log lines, metric points,
+progress, heartbeats, the final `done`) is checked against the attempt it was started for,
+stored in the queue and republished on `job.<id>.log|metrics|state`. When a worker exits the
+pool settles its job: `done` with a result means succeeded, with an error means failed (a
+mistake in the job, which no retry would fix); an exit without `done` (a crash, the OOM killer,
+a kill -9) fails the job with the exit status as the reason, or queues it again to resume from
+its checkpoint while it has retries left. Nothing a worker does can stop the daemon.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mistudio_core.errors import MistudioError
+from mistudiod.placement import Placer, estimate_train_bytes
+from mistudiod.queue import Job, JobQueue
+
+log = logging.getLogger("mistudiod.workers")
+
+Publish = Callable[[str, dict], None]
+# Exit statuses of a worker that reported its own end (see mistudiod.worker.main).
+_REPORTED_EXITS = (0, 1, 2, 130)
+
+
+@dataclass
+class Settings:
+    max_jobs: int = 4
+    lease_s: float = 60.0
+    heartbeat_s: float = 5.0
+    kill_grace_s: float = 10.0
+
+
+@dataclass
+class RunningJob:
+    job: Job
+    device: str
+    process: asyncio.subprocess.Process
+    log_path: Path
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+    outcome: dict | None = None
+    total: int = 0
+    tokens_per_s: float = 0.0  # activations extracted and consumed per second, lately
+
+
+class WorkerPool:
+    def __init__(self, queue: JobQueue, publish: Publish, placer: Placer, key: str,
+                 endpoint: str, runs_dir: Path, settings: Settings,
+                 on_finished: Callable[[Job, str], None] = lambda job, state: None,
+                 threads_per_job: int | None = None, has_gpus: Callable[[], bool] = bool,
+                 ) -> None:
+        self.queue = queue
+        self.publish = publish
+        self.placer = placer
+        self.key = key
+        self.endpoint = endpoint
+        self.runs_dir = runs_dir
+        self.settings = settings
+        self.on_finished = on_finished
+        self.threads_per_job = threads_per_job
+        self.has_gpus = has_gpus
+        self.running: dict[int, RunningJob] = {}
+        self.stopping = False
+        self._filling = asyncio.Lock()
+        self._tasks: set[asyncio.Task] = set()
+
+    def owners(self) -> dict[int, int]:
+        """Worker pid -> job id, for the GPU panel's process list."""
+        return {r.process.pid: job_id for job_id, r in self.running.items()}
+
+    def throughputs(self) -> dict[int, float]:
+        """Job id -> tokens per second of its latest metric point."""
+        return {job_id: r.tokens_per_s for job_id, r in self.running.items()}
+
+    def running_by_kind(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for r in self.running.values():
+            counts[r.job.kind] = counts.get(r.job.kind, 0) + 1
+        return counts
+
+    # ----- starting jobs -----------------------------------------------------------------------
+
+    async def fill(self) -> None:
+        """Start queued jobs while there are free slots and room on a device."""
+        async with self._filling:
+            while not self.stopping and len(self.running) < self.settings.max_jobs:
+                job = self.queue.claim(self.settings.lease_s)
+                if job is None:
+                    return
+                try:
+                    device = await self._place(job)
+                except MistudioError as error:
+                    self._settle(job, "failed", error=error.to_dict())
+                    continue
+                if device is None:  # no room now: wait for a running job to end
+                    self.queue.requeue(job.id, job.attempt)
+                    return
+                await self._start(job, device)
+
+    async def _place(self, job: Job) -> str | None:
+        need = None
+        if job.kind == "train" and self.has_gpus() and job.params["device"] != "cpu":
+            need = await asyncio.to_thread(estimate_train_bytes, job.params)
+        return self.placer.place(job.id, job.params["device"], need)
+
+    async def _start(self, job: Job, device: str) -> None:
+        params = {**job.params, "device": device}
+        if job.kind == "train" and not params.get("out"):
+            params["out"] = str(self.runs_dir / f"job-{job.id}")
+        log_path = self.runs_dir / "logs" / f"job-{job.id}.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        spec = {"key": self.key, "endpoint": self.endpoint, "job_id": job.id,
+                "attempt": job.attempt, "kind": job.kind, "params": params,
+                "resume": job.resume, "heartbeat_s": self.settings.heartbeat_s,
+                "threads": self.threads_per_job if device == "cpu" else None}
+        with open(log_path, "ab") as stderr:
+            process = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "mistudiod.worker", stdin=asyncio.subprocess.PIPE,
+                stdout=stderr, stderr=stderr, env=worker_environment(),
+            )
+        process.stdin.write(json.dumps(spec).encode())
+        await process.stdin.drain()
+        process.stdin.close()
+        running = RunningJob(job, device, process, log_path)
+        self.running[job.id] = running
+        self.queue.placed(job.id, job.attempt, device, process.pid)
+        note = "resuming from its last checkpoint" if job.resume else "starting"
+        self._log(job, f"attempt {job.attempt} {note} on {device} (worker pid {process.pid})")
+        self._publish_state(job.id)
+        self._spawn(self._watch(running))
+
+    def _spawn(self, coroutine) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # ----- reports -----------------------------------------------------------------------------
+
+    def on_report(self, content: dict) -> None:
+        """Handle one worker report; reports of a superseded attempt are ignored."""
+        running = self.running.get(content.get("job_id"))
+        if running is None or content.get("attempt") != running.job.attempt:
+            log.debug("ignored a report of a superseded attempt: %s", content.get("job_id"))
+            return
+        job, kind, payload = running.job, content.get("kind"), content.get("payload") or {}
+        self.queue.heartbeat(job.id, job.attempt, self.settings.lease_s)  # any report is alive
+        if kind == "start":
+            running.total = int(payload.get("total") or 0)
+            self.queue.progress(job.id, job.attempt, 0, running.total)
+            self._publish_state(job.id)
+        elif kind == "log":
+            self._log(job, str(payload.get("message", "")), str(payload.get("level", "info")))
+        elif kind == "metrics":
+            self.queue.add_metrics(job.id, job.attempt, payload)
+            running.tokens_per_s = float(payload.get("tokens_per_s", 0.0))
+            self.queue.progress(job.id, job.attempt, int(payload["step"]), running.total,
+                                payload)
+            self.publish(f"job.{job.id}.metrics", {"job_id": job.id, "point": payload})
+        elif kind == "progress":
+            self.queue.progress(job.id, job.attempt, int(payload.get("tokens", 0)),
+                                running.total)
+            self._publish_state(job.id)
+        elif kind == "checkpoint":
+            self._log(job, f"checkpoint at step {payload.get('step')}")
+        elif kind == "done":
+            running.outcome = payload
+            running.done.set()
+
+    def _log(self, job: Job, message: str, level: str = "info") -> None:
+        entry = self.queue.add_log(job.id, job.attempt, message, level)
+        self.publish(f"job.{job.id}.log", {"job_id": job.id, **entry})
+
+    def _publish_state(self, job_id: int) -> None:
+        job = self.queue.get(job_id)
+        if job is not None:
+            self.publish(f"job.{job_id}.state", {"job": job.to_dict()})
+
+    # ----- ends --------------------------------------------------------------------------------
+
+    async def _watch(self, running: RunningJob) -> None:
+        status = await running.process.wait()
+        if status in _REPORTED_EXITS and not running.done.is_set():
+            # the last reports may still be on their way through the socket
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(running.done.wait(), timeout=2.0)
+        if self.stopping:  # the daemon is shutting down: the job resumes at the next start
+            return
+        self.running.pop(running.job.id, None)
+        self.placer.release(running.job.id)
+        self._conclude(running, status)
+        await self.fill()
+
+    def _conclude(self, running: RunningJob, status: int) -> None:
+        job = self.queue.get(running.job.id)
+        outcome = running.outcome
+        if job.cancel_requested:
+            self._settle(job, "cancelled", error={"code": "cancelled", "hint": "",
+                                                  "message": "cancelled while running"})
+        elif outcome is not None and outcome.get("ok"):
+            self._settle(job, "succeeded", result=outcome.get("result"))
+        elif outcome is not None and outcome["error"]["code"] != "out_of_memory":
+            self._settle(job, "failed", error=outcome["error"])
+        else:
+            error = outcome["error"] if outcome else _crash(status, running.log_path)
+            if job.failures < job.max_retries:
+                self.queue.retry(job.id, job.attempt, error)
+                self._log(job, f"{error['message']}; retrying from the last checkpoint "
+                               f"({job.failures + 1} of {job.max_retries} retries)", "warning")
+                self._publish_state(job.id)
+            else:
+                self._settle(job, "failed", error=error)
+
+    def _settle(self, job: Job, state: str, result: dict | None = None,
+                error: dict | None = None) -> None:
+        if not self.queue.finish(job.id, job.attempt, state, result, error):
+            return
+        message = f"job {state}" + (f": {error['message']}" if error else "")
+        self._log(job, message, "info" if state == "succeeded" else "warning")
+        self._publish_state(job.id)
+        self.on_finished(job, state)
+
+    # ----- cancel, leases, shutdown ------------------------------------------------------------
+
+    def stop_job(self, job_id: int) -> None:
+        """SIGTERM a running job's worker, then SIGKILL it if it has not ended in time."""
+        running = self.running.get(job_id)
+        if running is not None:
+            _signal(running.process, signal.SIGTERM)
+            self._spawn(self._kill_later(running))
+
+    async def _kill_later(self, running: RunningJob) -> None:
+        try:
+            await asyncio.wait_for(running.process.wait(), self.settings.kill_grace_s)
+        except TimeoutError:
+            _signal(running.process, signal.SIGKILL)
+
+    def check_leases(self) -> None:
+        """Kill workers whose heartbeats stopped; their jobs then fail or retry as crashes."""
+        for job in self.queue.expired():
+            running = self.running.get(job.id)
+            if running is not None:
+                self._log(job, "the worker stopped sending heartbeats; killing it", "warning")
+                _signal(running.process, signal.SIGKILL)
+
+    async def stop(self) -> None:
+        """Stop every worker (their jobs stay `running` and resume at the next start)."""
+        self.stopping = True
+        for running in self.running.values():
+            _signal(running.process, signal.SIGTERM)
+        waits = [r.process.wait() for r in self.running.values()]
+        try:
+            await asyncio.wait_for(asyncio.gather(*waits), self.settings.kill_grace_s)
+        except TimeoutError:
+            for running in self.running.values():
+                _signal(running.process, signal.SIGKILL)
+        for task in list(self._tasks):
+            task.cancel()
+
+
+def _signal(process: asyncio.subprocess.Process, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        process.send_signal(signum)
+
+
+def _crash(status: int, log_path: Path) -> dict:
+    """The error of a worker that ended without reporting why."""
+    if status < 0:
+        name = signal.Signals(-status).name
+        cause = " (the kernel's OOM killer sends SIGKILL when memory runs out)" \
+            if -status == signal.SIGKILL else ""
+        message = f"the worker process was killed by {name}{cause}"
+    else:
+        message = f"the worker process exited with status {status} without a report"
+    return {"code": "worker_crashed", "message": message,
+            "hint": f"its output is in {log_path}; `mistudio job logs` has the job's log"}
+
+
+def worker_environment() -> dict[str, str]:
+    """The daemon's environment without systemd's notify and watchdog variables, which are
+    the daemon's alone."""
+    private = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
+    return {name: value for name, value in os.environ.items() if name not in private}
+
+
+def cpu_threads_per_job(max_jobs: int) -> int:
+    return max(1, (os.cpu_count() or 1) // max_jobs)
