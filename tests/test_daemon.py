@@ -436,3 +436,29 @@ def test_the_cli_goes_through_the_daemon(capsys, daemon, model_dir, tiny_corpus,
     assert status == 2 and "layer 9 does not exist" in document["error"]["message"]
     status, document = _cli(capsys, daemon, "check-memory", model_dir, "--layer", "1")
     assert status == 0 and document["recommended_quantization"] == "none"
+
+
+def test_a_client_reconnects_and_resyncs_after_a_daemon_restart(tmp_path):
+    daemon = DaemonProcess(tmp_path).start()
+
+    async def across_a_restart():
+        async with daemon.client(timeout=2.0) as client:
+            client.subscribe("daemon.status")
+            first = await client.next_event(timeout=5)
+            second = await client.next_event(timeout=5)
+            before = await client.request("daemon.status")
+            await asyncio.to_thread(daemon.stop)
+            await asyncio.to_thread(daemon.start)
+            after = await client.request("daemon.status", retries=5)
+            event = await client.next_event(timeout=5)
+            while event.daemon == first.daemon:  # drain what the old daemon sent
+                event = await client.next_event(timeout=5)
+            return first, second, before, after, event
+
+    try:
+        first, second, before, after, event = asyncio.run(across_a_restart())
+    finally:
+        daemon.stop()
+    assert first.resync and not second.resync and second.seq == first.seq + 1
+    assert before["pid"] != after["pid"]  # the same client object reached the new daemon
+    assert event.resync and event.daemon != first.daemon
