@@ -166,10 +166,20 @@ class ModelCache:
             return [dict(entry.info) for entry in self._entries.values()]
 
     def _key(self, spec: ModelSpec) -> CacheKey:
-        from mistudio_core.models import resolve_device, resolve_dtype
+        """The key of what would be loaded: `auto` dtype and quantization resolved (from the
+        config), so `auto` and the choice it stands for name the same copy."""
+        from mistudio_core.models import (
+            load_config,
+            resolve_device,
+            resolve_dtype,
+            resolve_quantization,
+        )
 
         dtype = _dtype_name(resolve_dtype(spec.dtype, resolve_device(spec.device)))
-        return (spec.model_id, spec.revision, dtype, spec.quantization)
+        quantization = spec.quantization
+        if quantization == "auto":
+            quantization = resolve_quantization(spec, load_config(spec))
+        return (spec.model_id, spec.revision, dtype, quantization)
 
     def _touch(self, key: CacheKey) -> dict | None:
         with self._lock:

@@ -8,7 +8,6 @@ jobs end waits in the queue. Without GPUs every job runs on the CPU.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from mistudio_core.errors import MistudioError
@@ -18,15 +17,15 @@ if TYPE_CHECKING:
 
 
 class Placer:
-    """Places jobs on `devices()` (the GPU manager's live list, "cpu" when there is no GPU)."""
+    """Places jobs on devices (the GPU manager's live list), remembering its promises."""
 
-    def __init__(self, devices: Callable[[], list[DeviceMemory]]) -> None:
-        self._devices = devices
+    def __init__(self) -> None:
         self._reserved: dict[int, tuple[str, int]] = {}
 
-    def place(self, job_id: int, requested: str, need_bytes: int | None) -> str | None:
+    def place(self, job_id: int, requested: str, need_bytes: int | None,
+              devices: list[DeviceMemory]) -> str | None:
         """The device for a job, or None when it must wait for room. Raises if it never fits."""
-        devices = [d for d in self._devices() if d.name != "cpu"]
+        devices = [d for d in devices if d.name != "cpu"]
         if requested == "cpu" or (requested == "auto" and not devices):
             return "cpu"
         if requested != "auto":

@@ -41,7 +41,6 @@ from mistudiod import systemd
 from mistudiod.gpus import GpuMonitor
 from mistudiod.operations import OPERATIONS
 from mistudiod.paths import DaemonPaths
-from mistudiod.placement import Placer
 from mistudiod.protocol import (
     MAGIC,
     MAX_FRAME_BYTES,
@@ -106,7 +105,7 @@ class Daemon:
         self.gpus = GpuMonitor()
         self._gpu_snapshot = self.gpus.snapshot()
         self.pool = WorkerPool(
-            self.queue, self.publish, Placer(self.gpus.devices), key,
+            self.queue, self.publish, self.gpus.devices, key,
             self.paths.workers_endpoint, self.paths.runs, self.settings,
             on_finished=self._job_finished,
             threads_per_job=cpu_threads_per_job(self.settings.max_jobs),

@@ -54,14 +54,15 @@ class RunningJob:
 
 
 class WorkerPool:
-    def __init__(self, queue: JobQueue, publish: Publish, placer: Placer, key: str,
+    def __init__(self, queue: JobQueue, publish: Publish, devices: Callable[[], list], key: str,
                  endpoint: str, runs_dir: Path, settings: Settings,
                  on_finished: Callable[[Job, str], None] = lambda job, state: None,
-                 threads_per_job: int | None = None, has_gpus: Callable[[], bool] = bool,
-                 ) -> None:
+                 threads_per_job: int | None = None,
+                 has_gpus: Callable[[], bool] = lambda: False) -> None:
         self.queue = queue
         self.publish = publish
-        self.placer = placer
+        self.devices = devices
+        self.placer = Placer()
         self.key = key
         self.endpoint = endpoint
         self.runs_dir = runs_dir
@@ -108,10 +109,15 @@ class WorkerPool:
                 await self._start(job, device)
 
     async def _place(self, job: Job) -> str | None:
+        requested = job.params["device"]
+        if requested == "cpu" or (requested == "auto" and not self.has_gpus()):
+            return "cpu"
+        # config reads and the device list (which imports torch) stay off the event loop
         need = None
-        if job.kind == "train" and self.has_gpus() and job.params["device"] != "cpu":
+        if job.kind == "train":
             need = await asyncio.to_thread(estimate_train_bytes, job.params)
-        return self.placer.place(job.id, job.params["device"], need)
+        devices = await asyncio.to_thread(self.devices)
+        return self.placer.place(job.id, requested, need, devices)
 
     async def _start(self, job: Job, device: str) -> None:
         params = {**job.params, "device": device}

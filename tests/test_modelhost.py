@@ -101,6 +101,13 @@ def test_unload_by_model_id_or_key(models):
     assert cache.held() == [] and cache.used_bytes == 0
 
 
+def test_auto_and_the_choice_it_stands_for_are_one_copy(models):
+    cache = ModelCache("cpu", BIG)
+    auto = cache.load(ModelSpec(models[0], quantization="auto"))
+    plain = cache.load(ModelSpec(models[0], quantization="none"))
+    assert auto["key"] == plain["key"] and len(cache.held()) == 1
+
+
 @pytest.mark.parametrize("estimate", ["from the config", "too low"])
 def test_a_model_bigger_than_the_budget_is_refused(models, sizes, estimate, monkeypatch):
     if estimate == "too low":  # only the measured size can tell: refused after loading

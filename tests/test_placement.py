@@ -16,24 +16,26 @@ def _gpus(*free: int) -> list[DeviceMemory]:
 
 
 def test_without_gpus_everything_runs_on_the_cpu():
-    placer = Placer(lambda: [DeviceMemory("cpu", "CPU RAM", 8 * GiB, 16 * GiB)])
-    assert placer.place(1, "auto", None) == "cpu"
+    cpu = [DeviceMemory("cpu", "CPU RAM", 8 * GiB, 16 * GiB)]
+    placer = Placer()
+    assert placer.place(1, "auto", None, cpu) == "cpu"
     with pytest.raises(MistudioError, match="no GPU cuda:0"):
-        placer.place(2, "cuda:0", None)
+        placer.place(2, "cuda:0", None, cpu)
 
 
 def test_jobs_spread_by_free_memory_minus_promises_and_wait_when_full():
-    placer = Placer(lambda: _gpus(30, 20))
-    assert placer.place(1, "auto", 15 * GiB) == "cuda:0"  # 30 free
-    assert placer.place(2, "auto", 15 * GiB) == "cuda:1"  # 15 left on 0, 20 on 1
-    assert placer.place(3, "auto", 15 * GiB) == "cuda:0"  # 15 left on 0, 5 on 1
-    assert placer.place(4, "auto", 15 * GiB) is None  # no room now: wait
+    placer, gpus = Placer(), _gpus(30, 20)
+    assert placer.place(1, "auto", 15 * GiB, gpus) == "cuda:0"  # 30 free
+    assert placer.place(2, "auto", 15 * GiB, gpus) == "cuda:1"  # 15 left on 0, 20 on 1
+    assert placer.place(3, "auto", 15 * GiB, gpus) == "cuda:0"  # 15 left on 0, 5 on 1
+    assert placer.place(4, "auto", 15 * GiB, gpus) is None  # no room now: wait
     placer.release(1)
-    assert placer.place(4, "auto", 15 * GiB) == "cuda:0"
-    assert placer.place(5, "cuda", None) == "cuda:0" and placer.place(6, "cpu", GiB) == "cpu"
+    assert placer.place(4, "auto", 15 * GiB, gpus) == "cuda:0"
+    assert placer.place(5, "cuda", None, gpus) == "cuda:0"
+    assert placer.place(6, "cpu", GiB, gpus) == "cpu"
 
 
 def test_a_job_bigger_than_any_gpu_fails_with_advice():
     with pytest.raises(MistudioError, match="more than any GPU") as caught:
-        Placer(lambda: _gpus(80)).place(1, "auto", 100 * GiB)
+        Placer().place(1, "auto", 100 * GiB, _gpus(80))
     assert caught.value.code == "out_of_memory" and "4bit" in caught.value.hint
