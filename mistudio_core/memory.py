@@ -32,7 +32,7 @@ from transformers import AutoModel, AutoModelForCausalLM, PreTrainedConfig
 from transformers.pytorch_utils import Conv1D
 
 from mistudio_core.errors import MistudioError
-from mistudio_core.models import find_blocks, is_encoder
+from mistudio_core.models import ModelSpec, find_blocks, is_encoder, load_config
 
 QUANTIZATIONS = ("none", "8bit", "4bit")
 
@@ -482,3 +482,24 @@ def preflight(
         full_model_estimates=partial if layer is None else estimates(None),
         recommended_quantization=next((e.quantization for e in partial if e.fits), None),
     )
+
+
+def check_memory(
+    spec: ModelSpec,
+    *,
+    quantization: str = "auto",
+    layer: int | None = None,
+    context_size: int = 128,
+    d_sae: int | None = None,
+    devices: list[DeviceMemory] | None = None,
+) -> dict:
+    """`mistudio check-memory`'s answer, in-process or from the daemon: the preflight report in
+    plain JSON types, the verdict for an asked quantization (`asked`), and the summary lines."""
+    report = preflight(load_config(spec), model_id=spec.model_id, layer=layer,
+                       context_size=context_size, d_sae=d_sae, devices=devices)
+    document = report.to_dict()
+    if quantization != "auto":
+        chosen = next(e for e in report.estimates if e.quantization == quantization)
+        document["asked"] = {"quantization": quantization, "fits": chosen.fits}
+    document["summary"] = report.summary()
+    return document

@@ -129,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("--limit", type=_positive_int, default=50)
     _common(listing)
     job = commands.add_parser("job", help="one job: show, cancel, logs, metrics, result")
-    job.add_argument("action", choices=["show", "cancel", "logs", "metrics", "result"])
+    job.add_argument("action", choices=sorted(remote.JOB_ACTIONS))
     job.add_argument("id", type=_positive_int)
     _common(job)
     corpus = commands.add_parser("corpus", help="corpora in the daemon's store")
@@ -163,20 +163,14 @@ def _demo_model(args, progress) -> dict:
 def _check_memory(args, _progress) -> dict:
     if not args.local:
         return remote.call(args, remote.check_memory)
-    from mistudio_core.memory import preflight
-    from mistudio_core.models import ModelSpec, load_config
+    from mistudio_core.memory import check_memory
+    from mistudio_core.models import ModelSpec
 
-    spec = ModelSpec(args.model, revision=args.revision, token=_token(args))
-    report = preflight(
-        load_config(spec), model_id=args.model, layer=args.layer,
-        context_size=args.context_size, d_sae=args.d_sae,
+    return check_memory(
+        ModelSpec(args.model, revision=args.revision, token=_token(args)),
+        quantization=args.quantization, layer=args.layer, context_size=args.context_size,
+        d_sae=args.d_sae,
     )
-    document = report.to_dict()
-    if args.quantization != "auto":
-        chosen = next(e for e in report.estimates if e.quantization == args.quantization)
-        document["asked"] = {"quantization": args.quantization, "fits": chosen.fits}
-    document["summary"] = report.summary()
-    return document
 
 
 def _train_params(args) -> dict:
@@ -219,9 +213,10 @@ def _job(kind: str, build_params: Callable) -> Callable:
                 "the daemon uses its own Hugging Face token, not --hf-token",
                 hint="set HF_TOKEN in the daemon's environment (or `hf auth login` as its "
                      "user), or add --local", code="bad_usage")
-        for name in ("model", "corpus", "out", "cache", "sae_dir"):
-            if params.get(name):
-                params[name] = remote.local_path(params[name])
+        for name in params.keys() & {"model", "corpus", "sae_dir"}:
+            params[name] = remote.input_path(params[name])
+        for name in params.keys() & {"out", "cache"}:
+            params[name] = remote.output_path(params[name])
         return remote.call(args, remote.submit_and_wait, kind, params, progress)
 
     return command

@@ -56,7 +56,13 @@ class Client:
     # ----- connection --------------------------------------------------------------------------
 
     def _connect(self) -> None:
-        self.info = ConnectionInfo.read(self.connection_file)
+        """Read the connection file (keeping what we knew while a restarting daemon has none)
+        and connect the DEALER to its control endpoint."""
+        try:
+            self.info = ConnectionInfo.read(self.connection_file)
+        except MistudioError:
+            if not hasattr(self, "info"):
+                raise
         self.session = Session(self.info.key_bytes)
         self.dealer = self._socket(zmq.DEALER, self.info.tcp_control if self.tcp
                                    else self.info.control)
@@ -82,11 +88,7 @@ class Client:
             self._reader.cancel()
             self._reader = None
         self.dealer.close()
-        try:
-            self._connect()
-        except MistudioError:  # the daemon is down right now: reconnect on the next request
-            self.dealer = self._socket(zmq.DEALER, self.info.control if not self.tcp
-                                       else self.info.tcp_control)
+        self._connect()
         if self.sub is not None:
             self.sub.close()
             self.sub = None

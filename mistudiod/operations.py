@@ -103,24 +103,18 @@ async def gpu_status(daemon: Daemon, _: dict, __: Message, ___: str) -> dict:
                                                                   max=1 << 17),
            d_sae=Field(int, min=1, max=1 << 24))
 async def check_memory(daemon: Daemon, request: dict, _: Message, __: str) -> dict:
-    devices = daemon.gpus.devices
-    return ok(**await asyncio.to_thread(_check_memory, request, devices))
+    return ok(**await asyncio.to_thread(_check_memory, request, daemon.gpus.devices))
 
 
 def _check_memory(request: dict, devices: Callable) -> dict:
-    from mistudio_core.memory import preflight
-    from mistudio_core.models import ModelSpec, load_config
+    from mistudio_core.memory import check_memory
+    from mistudio_core.models import ModelSpec
 
-    config = load_config(ModelSpec(request["model"], revision=request["revision"]))
-    report = preflight(config, model_id=request["model"], layer=request["layer"],
-                       context_size=request["context_size"], d_sae=request["d_sae"],
-                       devices=devices())
-    document = report.to_dict()
-    if request["quantization"] != "auto":
-        chosen = next(e for e in report.estimates if e.quantization == request["quantization"])
-        document["asked"] = {"quantization": request["quantization"], "fits": chosen.fits}
-    document["summary"] = report.summary()
-    return document
+    return check_memory(
+        ModelSpec(request["model"], revision=request["revision"]),
+        quantization=request["quantization"], layer=request["layer"],
+        context_size=request["context_size"], d_sae=request["d_sae"], devices=devices(),
+    )
 
 
 @operation("model.validate", slow=True, model=_MODEL, revision=Field(str, max_length=256))

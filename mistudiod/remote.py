@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import os
 from pathlib import Path
 
 from mistudio_core.errors import MistudioError
@@ -34,13 +33,18 @@ class JobFailed(Exception):
         self.status = 2 if self.error.get("code") in USER_ERRORS else 1
 
 
-def local_path(value: str | None) -> str | None:
-    """A path on this machine, made absolute for the daemon; names and hub ids pass as they
-    are (the daemon resolves corpus names in its own store)."""
-    if value is None or value == "demo":
+def input_path(value: str | None) -> str | None:
+    """A model, corpus or SAE given as a path that exists here, made absolute for the daemon;
+    anything else (a hub id like `EleutherAI/pythia-160m`, an uploaded corpus's name, `demo`)
+    passes as it is, for the daemon to resolve."""
+    if value is None or not Path(value).expanduser().exists():
         return value
-    path = Path(value).expanduser()
-    return str(path.absolute()) if path.exists() or os.sep in value else value
+    return str(Path(value).expanduser().absolute())
+
+
+def output_path(value: str | None) -> str | None:
+    """A directory to write, relative to where the command is run."""
+    return None if value is None else str(Path(value).expanduser().absolute())
 
 
 def call(args, coroutine_function, *extra):
@@ -115,21 +119,19 @@ async def jobs(client: Client, args) -> dict:
     return await client.request("job.list", {"limit": args.limit}, retries=2)
 
 
+# `mistudio job ACTION ID`: the request and whether it is safe to repeat after a timeout.
+JOB_ACTIONS = {"show": ("job.show", 2), "cancel": ("job.cancel", 0), "logs": ("job.logs", 2),
+                "metrics": ("job.metrics", 2), "result": ("job.result", 2)}
+
+
 async def job_command(client: Client, args) -> dict:
-    if args.action == "show":
-        return await client.request("job.show", {"id": args.id}, retries=2)
-    if args.action == "cancel":
-        return await client.request("job.cancel", {"id": args.id})
-    if args.action == "logs":
-        return await client.request("job.logs", {"id": args.id}, retries=2)
-    if args.action == "metrics":
-        return await client.request("job.metrics", {"id": args.id}, retries=2)
-    return await client.request("job.result", {"id": args.id}, retries=2)
+    msg_type, retries = JOB_ACTIONS[args.action]
+    return await client.request(msg_type, {"id": args.id}, retries=retries)
 
 
 async def check_memory(client: Client, args) -> dict:
     return await client.request("model.check_memory", {
-        "model": local_path(args.model), "revision": args.revision,
+        "model": input_path(args.model), "revision": args.revision,
         "quantization": args.quantization, "layer": args.layer,
         "context_size": args.context_size, "d_sae": args.d_sae,
     }, timeout=120)

@@ -178,7 +178,7 @@ class Daemon:
         log.info("mistudiod %s ready: %s (state in %s)", __version__, self.paths.runtime_dir,
                  self.paths.state_dir)
         systemd.notify("READY=1")
-        systemd.notify(f"STATUS={self._status_line()}")
+        systemd.notify(f"STATUS={_status_line(self.status())}")
         await self._stop.wait()
         await self.shutdown()
 
@@ -296,12 +296,12 @@ class Daemon:
                 self.publish(f"gpu.{gpu['uuid']}", gpu)
             status = self.status()
             self.publish("daemon.status", status)
+            systemd.notify(f"STATUS={_status_line(status)}")
             if self.metrics is not None:
                 self.metrics.observe_gpus(self._gpu_snapshot)
                 self.metrics.observe_queue(status["jobs"], self.pool.running_by_kind())
                 for job_id, tokens_per_s in self.pool.throughputs().items():
                     self.metrics.extraction_throughput(job_id, tokens_per_s)
-            systemd.notify(f"STATUS={self._status_line()}")
 
     async def _watchdog(self) -> None:
         interval = systemd.watchdog_interval()
@@ -347,11 +347,6 @@ class Daemon:
     def gpu_snapshot(self) -> dict:
         return self._gpu_snapshot
 
-    def _status_line(self) -> str:
-        counts = self.queue.counts()
-        gpus = len(self._gpu_snapshot.get("gpus", [])) or "no"
-        return f"{counts['running']} running, {counts['queued']} queued; {gpus} GPUs"
-
     async def host_request(self, device: str, msg_type: str, content: dict,
                            timeout: float = 30.0) -> dict:
         """Forward a request to the model host of `device`, starting it on first use."""
@@ -375,6 +370,12 @@ def _host_budget(gpus: GpuMonitor, device: str) -> int:
             return int(total * HOST_BUDGET_FRACTION)
     raise MistudioError(f"no device {device} on the daemon's machine",
                         hint="see `mistudio gpu`", code="bad_request")
+
+
+def _status_line(status: dict) -> str:
+    """systemd's one-line STATUS= summary of a `status()` document."""
+    jobs, gpus = status["jobs"], status["gpus"]["count"] or "no"
+    return f"{jobs['running']} running, {jobs['queued']} queued; {gpus} GPUs"
 
 
 def _owner_pid(connection_file: Path) -> int | None:

@@ -73,6 +73,7 @@ class WorkerPool:
         self.running: dict[int, RunningJob] = {}
         self.stopping = False
         self._filling = asyncio.Lock()
+        self._placing: set[int] = set()  # claimed, still being placed: no worker yet
         self._tasks: set[asyncio.Task] = set()
 
     def owners(self) -> dict[int, int]:
@@ -98,15 +99,24 @@ class WorkerPool:
                 job = self.queue.claim(self.settings.lease_s)
                 if job is None:
                     return
+                self._placing.add(job.id)
                 try:
                     device = await self._place(job)
-                except MistudioError as error:
+                    if device is None:  # no room now: wait for a running job to end
+                        self.queue.requeue(job.id, job.attempt)
+                        return
+                    await self._start(job, device)
+                except MistudioError as error:  # it can never run as asked
+                    self.placer.release(job.id)
                     self._settle(job, "failed", error=error.to_dict())
-                    continue
-                if device is None:  # no room now: wait for a running job to end
-                    self.queue.requeue(job.id, job.attempt)
-                    return
-                await self._start(job, device)
+                except Exception as error:  # the machine or a bug: this job fails, not the pool
+                    log.exception("job %d could not be started", job.id)
+                    self.placer.release(job.id)
+                    self._settle(job, "failed", error={
+                        "code": "job_failed", "hint": "the daemon's log has the traceback",
+                        "message": f"could not start the job: {type(error).__name__}: {error}"})
+                finally:
+                    self._placing.discard(job.id)
 
     async def _place(self, job: Job) -> str | None:
         requested = job.params["device"]
@@ -134,16 +144,16 @@ class WorkerPool:
                 sys.executable, "-m", "mistudiod.worker", stdin=asyncio.subprocess.PIPE,
                 stdout=stderr, stderr=stderr, env=worker_environment(),
             )
+        running = RunningJob(job, device, process, log_path)
+        self.running[job.id] = running  # watched from now on, whatever happens next
+        self.queue.placed(job.id, job.attempt, device, process.pid)
+        self._spawn(self._watch(running))
         process.stdin.write(json.dumps(spec).encode())
         await process.stdin.drain()
         process.stdin.close()
-        running = RunningJob(job, device, process, log_path)
-        self.running[job.id] = running
-        self.queue.placed(job.id, job.attempt, device, process.pid)
         note = "resuming from its last checkpoint" if job.resume else "starting"
         self._log(job, f"attempt {job.attempt} {note} on {device} (worker pid {process.pid})")
         self._publish_state(job.id)
-        self._spawn(self._watch(running))
 
     def _spawn(self, coroutine) -> None:
         task = asyncio.get_running_loop().create_task(coroutine)
@@ -217,14 +227,18 @@ class WorkerPool:
         elif outcome is not None and outcome["error"]["code"] != "out_of_memory":
             self._settle(job, "failed", error=outcome["error"])
         else:
-            error = outcome["error"] if outcome else _crash(status, running.log_path)
-            if job.failures < job.max_retries:
-                self.queue.retry(job.id, job.attempt, error)
-                self._log(job, f"{error['message']}; retrying from the last checkpoint "
-                               f"({job.failures + 1} of {job.max_retries} retries)", "warning")
-                self._publish_state(job.id)
-            else:
-                self._settle(job, "failed", error=error)
+            self._retry_or_fail(job, outcome["error"] if outcome
+                                else _crash(status, running.log_path))
+
+    def _retry_or_fail(self, job: Job, error: dict) -> None:
+        """A crash: resume from the checkpoint while retries are left, else fail."""
+        if job.failures < job.max_retries:
+            self.queue.retry(job.id, job.attempt, error)
+            self._log(job, f"{error['message']}; retrying from the last checkpoint "
+                           f"({job.failures + 1} of {job.max_retries} retries)", "warning")
+            self._publish_state(job.id)
+        else:
+            self._settle(job, "failed", error=error)
 
     def _settle(self, job: Job, state: str, result: dict | None = None,
                 error: dict | None = None) -> None:
@@ -251,12 +265,16 @@ class WorkerPool:
             _signal(running.process, signal.SIGKILL)
 
     def check_leases(self) -> None:
-        """Kill workers whose heartbeats stopped; their jobs then fail or retry as crashes."""
+        """Kill workers whose heartbeats stopped (their jobs then fail or retry as crashes);
+        a running job with no worker at all is settled as one at once."""
         for job in self.queue.expired():
             running = self.running.get(job.id)
             if running is not None:
                 self._log(job, "the worker stopped sending heartbeats; killing it", "warning")
                 _signal(running.process, signal.SIGKILL)
+            elif job.id not in self._placing and not self.stopping:
+                self._retry_or_fail(job, {"code": "worker_crashed", "hint": "",
+                                          "message": "the job lost its worker"})
 
     async def stop(self) -> None:
         """Stop every worker (their jobs stay `running` and resume at the next start)."""

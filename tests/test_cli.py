@@ -121,3 +121,14 @@ def test_the_installed_entry_point_prints_only_json_on_stdout(model_dir, tiny_co
     )
     assert human.returncode == 0, human.stderr
     assert "FVE" in human.stdout and "CE clean" in human.stdout
+
+
+def test_paths_sent_to_the_daemon(tmp_path, monkeypatch):
+    from mistudiod.remote import input_path, output_path
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data.txt").write_text("x")
+    for name in ("EleutherAI/pythia-160m", "demo", "uploaded.jsonl"):  # the daemon resolves
+        assert input_path(name) == name
+    assert input_path("data.txt") == str(tmp_path / "data.txt")
+    assert output_path("runs/x") == str(tmp_path / "runs" / "x")

@@ -13,6 +13,7 @@ import types
 import psutil
 import pytest
 import torch
+from model_configs import llama3_8b_config
 from torch import nn
 from transformers import (
     AutoConfig,
@@ -106,18 +107,6 @@ def gemma_config() -> GemmaConfig:
         intermediate_size=128,
         vocab_size=1000,
         **SPECIAL_TOKENS,
-    )
-
-
-def llama3_8b_config() -> LlamaConfig:
-    return LlamaConfig(
-        hidden_size=4096,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        intermediate_size=14336,
-        vocab_size=128256,
-        tie_word_embeddings=False,
     )
 
 

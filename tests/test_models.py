@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from model_configs import llama3_8b_config
 from torch import nn
 from transformers import (
     AutoModel,
@@ -370,14 +371,7 @@ def test_auto_quantization_depends_on_size(make_tiny_model):
     hooked = load_model(ModelSpec(directory, quantization="auto"), up_to_layer=0)
     assert hooked.quantization == "none"
     assert not any("bitsandbytes" in type(m).__module__ for m in hooked.model.modules())
-    eight_b = LlamaConfig(
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        vocab_size=128256,
-    )
+    eight_b = llama3_8b_config()
     assert resolve_quantization(ModelSpec("x", quantization="auto"), eight_b) == "4bit"
     assert resolve_quantization(ModelSpec("x", quantization="none"), eight_b) == "none"
 
