@@ -12,14 +12,19 @@ from __future__ import annotations
 class MistudioError(Exception):
     """A user-facing error: `message` says what went wrong, `hint` how to put it right."""
 
-    def __init__(self, message: str, hint: str = "", code: str = "bad_input") -> None:
+    def __init__(self, message: str, hint: str = "", code: str = "bad_input",
+                 field: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.hint = hint
         self.code = code
+        self.field = field  # the request field at fault, when there is one (forms mark it)
 
     def __str__(self) -> str:
         return f"{self.message} (hint: {self.hint})" if self.hint else self.message
 
     def to_dict(self) -> dict[str, str]:
-        return {"code": self.code, "message": self.message, "hint": self.hint}
+        document = {"code": self.code, "message": self.message, "hint": self.hint}
+        if self.field is not None:
+            document["field"] = self.field
+        return document

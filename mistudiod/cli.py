@@ -139,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--name", help="its name in the store (default: the file's name)")
     _common(add)
     _common(corpus_actions.add_parser("list", help="list the uploaded corpora"))
+    commands.add_parser("tui", help="the terminal dashboard (as `mistudio-tui`; its options "
+                                    "follow)", add_help=False)
     return parser
 
 
@@ -357,6 +359,10 @@ def _render_job(job: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["tui"]:  # the dashboard parses its own options
+        from tui.app import main as tui_main
+
+        return tui_main(argv[1:])
     wants_json = "--json" in argv
     progress = _Progress()
     try:

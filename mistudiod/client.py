@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,9 +83,11 @@ class Client:
         sock.connect(endpoint)
         return sock
 
-    def _reset(self) -> None:
-        """Drop the DEALER (and what it queued) and connect again, rereading the connection
-        file; pending requests are failed by their own timeouts."""
+    def reconnect(self) -> None:
+        """Drop both sockets (and what they queued) and connect again, rereading the connection
+        file: a restarted daemon may have a new key or endpoint. Pending requests are failed by
+        their own timeouts. Requests do this by themselves when one times out; a follower of
+        events calls it when the daemon has gone quiet."""
         if self._reader is not None:
             self._reader.cancel()
             self._reader = None
@@ -121,7 +125,7 @@ class Client:
                 return raise_for_error(await self._request_once(
                     msg_type, content or {}, buffers, timeout or self.timeout))
             except TimeoutError:
-                self._reset()
+                self.reconnect()
                 if attempt == retries:
                     raise MistudioError(
                         f"the daemon did not answer {msg_type} within "
@@ -158,6 +162,32 @@ class Client:
             if future is not None and not future.done():
                 future.set_result(reply.content)
 
+    async def upload_corpus(self, path: str | Path, name: str | None = None, *,
+                            on_progress: Callable[[int, int], None] | None = None) -> dict:
+        """Upload a local file as a corpus in checksummed chunks (the daemon makes it visible
+        only once complete and verified); `on_progress(bytes_sent, size)` follows it."""
+        path = Path(path).expanduser()
+        try:
+            size = path.stat().st_size
+            digest = await asyncio.to_thread(_sha256, path)
+        except OSError as exc:
+            raise MistudioError(f"cannot read {path}: {exc.strerror or exc}",
+                                hint="give a readable .txt, .jsonl or .parquet file",
+                                field="corpus") from exc
+        begun = await self.request("corpus.upload.begin",
+                                   {"name": name or path.name, "size": size, "sha256": digest})
+        report = on_progress or (lambda sent, total: None)
+        report(0, size)
+        with open(path, "rb") as handle:
+            offset = 0
+            while chunk := await asyncio.to_thread(handle.read, begun["chunk_bytes"]):
+                await self.request("corpus.upload.chunk",
+                                   {"upload_id": begun["upload_id"], "offset": offset},
+                                   buffers=[chunk], timeout=60)
+                offset += len(chunk)
+                report(offset, size)
+        return await self.request("corpus.upload.end", {"upload_id": begun["upload_id"]})
+
     # ----- events ------------------------------------------------------------------------------
 
     def subscribe(self, *topics: str) -> None:
@@ -179,10 +209,16 @@ class Client:
         if self.sub is None:
             raise MistudioError("subscribe to a topic first", code="bad_usage")
         while True:
+            sub = self.sub
             try:
-                frames = await asyncio.wait_for(self.sub.recv_multipart(), timeout)
+                frames = await asyncio.wait_for(sub.recv_multipart(), timeout)
             except TimeoutError:
                 return None
+            except asyncio.CancelledError:
+                # A concurrent request's reset closed the socket under us: read the new one.
+                if sub is self.sub or asyncio.current_task().cancelling():
+                    raise
+                continue
             try:
                 message = self.session.deserialize(frames)
             except ProtocolError:
@@ -200,6 +236,14 @@ class Client:
             self._daemon_session = daemon
         self._last_seq[topic] = seq
         return Event(topic, message.content, seq, daemon, resync)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def daemon_answers(runtime_dir: str | Path | None = None, timeout: float = 2.0) -> bool:

@@ -21,6 +21,8 @@ from collections.abc import Callable
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
+import psutil
+
 if TYPE_CHECKING:
     from mistudio_core.memory import DeviceMemory
 
@@ -190,6 +192,16 @@ class GpuMonitor:
             self.reason = "the GPU monitor is closed"
             self._query(self._nvml.nvmlShutdown)
 
+
+
+def cpu_load() -> dict:
+    """The machine's processors and RAM, published beside the GPUs so that a panel has real
+    numbers on a CPU-only server (where the jobs run on these). Non-blocking: the CPU share is
+    measured since the previous call."""
+    memory = psutil.virtual_memory()
+    return {"util_percent": psutil.cpu_percent(interval=None), "count": psutil.cpu_count(),
+            "load_1m": psutil.getloadavg()[0], "memory_used": int(memory.total - memory.available),
+            "memory_total": int(memory.total)}
 
 
 def _or_na(value: Any, template: str = "{}") -> str:

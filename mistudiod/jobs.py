@@ -62,11 +62,16 @@ PARAMS: dict[str, Schema] = {
 def validate_params(kind: str, params: dict) -> dict:
     """A job's parameters checked field by field (the hook by the core's own parser, whose
     message lists the hook names), with defaults filled in."""
+    from mistudio_core.errors import MistudioError
     from mistudio_core.hooks import HookPoint
 
     valid = PARAMS[kind].validate(params)
     if kind == "train":
-        HookPoint.parse(valid["hook"])
+        try:
+            HookPoint.parse(valid["hook"])
+        except MistudioError as error:
+            error.field = "hook"
+            raise
     return valid
 
 

@@ -211,6 +211,16 @@ async def job_submit(daemon: Daemon, request: dict, _: Message, who: str) -> dic
     return ok(job=job.to_dict())
 
 
+@operation("job.validate", kind=Field(str, required=True, choices=tuple(PARAMS)),
+           params=Field(dict, required=True))
+async def job_validate(daemon: Daemon, request: dict, _: Message, __: str) -> dict:
+    """What `job.submit` would check, without queueing anything: forms call it as the user
+    types. The reply holds the parameters as the job would get them (defaults, resolved paths);
+    an error names the `field` at fault."""
+    params = validate_params(request["kind"], request["params"])
+    return ok(params=_resolve_paths(daemon, request["kind"], params))
+
+
 def _resolve_paths(daemon: Daemon, kind: str, params: dict) -> dict:
     """Corpus names become paths under `corpora/`; relative outputs go under `runs/`."""
     params = dict(params)
@@ -224,12 +234,12 @@ def _resolve_paths(daemon: Daemon, kind: str, params: dict) -> dict:
     if kind == "eval" and not Path(params["sae_dir"]).is_dir():
         raise MistudioError(f"no SAE directory {params['sae_dir']} on the daemon's machine",
                             hint="give the path of a trained SAE (a train job's `out`)",
-                            code="bad_sae")
+                            code="bad_sae", field="sae_dir")
     model = params["model"]
     if model.startswith(("/", ".", "~")) and not Path(model).expanduser().is_dir():
         raise MistudioError(f"model directory {model} does not exist on the daemon's machine",
                             hint="give a hub id, `demo`, or a directory the daemon can read",
-                            code="model_not_found")
+                            code="model_not_found", field="model")
     return params
 
 
@@ -241,14 +251,15 @@ def _corpus_path(daemon: Daemon, corpus: str) -> str:
             raise MistudioError(
                 f"no corpus file {corpus} on the daemon's machine",
                 hint="upload it with `mistudio corpus add FILE` and use its name",
-                code="bad_corpus")
+                code="bad_corpus", field="corpus")
         return corpus
-    check_corpus_name(corpus)
+    check_corpus_name(corpus, field="corpus")
     path = daemon.paths.corpora / corpus
     if not path.is_file():
         raise MistudioError(f"no corpus named {corpus!r}",
                             hint="`mistudio corpus list` shows the uploaded corpora; "
-                                 "`mistudio corpus add FILE` uploads one", code="bad_corpus")
+                                 "`mistudio corpus add FILE` uploads one", code="bad_corpus",
+                            field="corpus")
     return str(path)
 
 
@@ -257,7 +268,7 @@ def _relative_name(value: str, field_name: str) -> str:
     if not parts or any(part in ("..", ".") or part.startswith(".") for part in parts):
         raise MistudioError(f"`{field_name}` {value!r} must stay inside the daemon's runs "
                             "directory", hint="use a plain relative name or an absolute path",
-                            code="bad_request")
+                            code="bad_request", field=field_name)
     return value
 
 

@@ -98,6 +98,7 @@ def raise_for_error(content: dict) -> dict:
             str(error.get("message", "the daemon reported an error")),
             hint=str(error.get("hint", "")),
             code=str(error.get("code", "daemon_error")),
+            field=error.get("field"),
         )
     return content
 

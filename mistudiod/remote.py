@@ -9,10 +9,8 @@ missed event never leaves them waiting forever.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 from pathlib import Path
 
-from mistudio_core.errors import MistudioError
 from mistudiod.client import Client
 from mistudiod.queue import FINISHED
 
@@ -142,32 +140,13 @@ async def corpus_list(client: Client, args) -> dict:
 
 
 async def corpus_add(client: Client, args, progress) -> dict:
-    """Upload a file in checksummed chunks; the daemon makes it visible only when complete."""
     path = Path(args.file)
-    try:
-        size = path.stat().st_size
-        digest = await asyncio.to_thread(_sha256, path)
-    except OSError as exc:
-        raise MistudioError(f"cannot read {path}: {exc.strerror or exc}",
-                            hint="give a readable .txt, .jsonl or .parquet file") from exc
     name = args.name or path.name
-    begun = await client.request("corpus.upload.begin",
-                                 {"name": name, "size": size, "sha256": digest})
-    progress.start(f"uploading {name}", size, unit="B")
-    with open(path, "rb") as handle:
-        offset = 0
-        while chunk := handle.read(begun["chunk_bytes"]):
-            await client.request("corpus.upload.chunk",
-                                 {"upload_id": begun["upload_id"], "offset": offset},
-                                 buffers=[chunk], timeout=60)
-            offset += len(chunk)
+
+    def uploaded(offset: int, size: int) -> None:
+        if offset == 0:
+            progress.start(f"uploading {name}", size, unit="B")
+        else:
             progress.event("progress", {"tokens": offset})
-    return await client.request("corpus.upload.end", {"upload_id": begun["upload_id"]})
 
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return await client.upload_corpus(path, name, on_progress=uploaded)

@@ -86,4 +86,4 @@ def _describe(value: Any) -> str:
 def _bad(name: str, problem: str) -> MistudioError:
     return MistudioError(f"field `{name}` {problem}",
                          hint="see DESIGN.md section 4 or `mistudio --help` for the fields",
-                         code="bad_request")
+                         code="bad_request", field=name)

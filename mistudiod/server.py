@@ -38,7 +38,7 @@ import zmq.asyncio
 from mistudio_core import __version__
 from mistudio_core.errors import MistudioError
 from mistudiod import systemd
-from mistudiod.gpus import GpuMonitor
+from mistudiod.gpus import GpuMonitor, cpu_load
 from mistudiod.operations import OPERATIONS
 from mistudiod.paths import DaemonPaths
 from mistudiod.protocol import (
@@ -340,6 +340,7 @@ class Daemon:
             "running": sorted(self.pool.running), "max_jobs": self.settings.max_jobs,
             "gpus": {"available": snapshot.get("available", False),
                      "reason": snapshot.get("reason"), "count": len(snapshot.get("gpus", []))},
+            "cpu": cpu_load(),
             "hosts": sorted(self.hosts), "state_dir": str(self.paths.state_dir),
             "runtime_dir": str(self.paths.runtime_dir),
         }

@@ -25,13 +25,13 @@ CORPUS_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}\.(txt|jsonl|parquet)"
 STALE_AFTER_S = 3600.0
 
 
-def check_corpus_name(name: str) -> str:
+def check_corpus_name(name: str, field: str = "name") -> str:
     if not re.fullmatch(CORPUS_NAME, name) or ".." in name:
         raise MistudioError(
             f"{name!r} is not an allowed corpus name",
             hint="use a plain file name (letters, digits, . _ -) ending in .txt, .jsonl or "
                  ".parquet, without directories",
-            code="bad_request",
+            code="bad_request", field=field,
         )
     return name
 

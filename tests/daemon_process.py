@@ -32,6 +32,7 @@ class DaemonProcess:
         self.log_path = root / "mistudiod.log"
 
     def start(self, timeout: float = 60.0) -> DaemonProcess:
+        self.notifications = []  # a restart waits for its own READY=1
         notify_path = self.runtime_dir.parent / f"notify-{time.monotonic_ns()}"
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self._listener.bind(str(notify_path))

@@ -462,3 +462,19 @@ def test_a_client_reconnects_and_resyncs_after_a_daemon_restart(tmp_path):
     assert first.resync and not second.resync and second.seq == first.seq + 1
     assert before["pid"] != after["pid"]  # the same client object reached the new daemon
     assert event.resync and event.daemon != first.daemon
+
+
+def test_job_validate_names_the_field_at_fault_and_queues_nothing(daemon, model_dir, tmp_path):
+    params = train_params(model_dir, "demo", "checked")
+    before = len(daemon.request("job.list")["jobs"])
+    reply = daemon.request("job.validate", {"kind": "train", "params": params})
+    assert reply["params"]["arch"] == "topk"  # defaults filled in, as a job would get them
+    assert reply["params"]["out"].endswith("runs/checked")
+    for changes, field in (({"k": 0}, "k"), ({"hook": "layers.x"}, "hook"),
+                           ({"corpus": "missing.txt"}, "corpus"),
+                           ({"model": str(tmp_path / "nowhere")}, "model"),
+                           ({"out": "../escape"}, "out")):
+        error = error_of(daemon, "job.validate", {"kind": "train",
+                                                  "params": {**params, **changes}})
+        assert error.field == field, (changes, error)
+    assert len(daemon.request("job.list")["jobs"]) == before

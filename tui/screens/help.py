@@ -1,0 +1,52 @@
+"""The help screen: what each screen is for and every key, generated from the bindings so it is
+never out of date."""
+
+from __future__ import annotations
+
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import VerticalScroll
+from textual.screen import ModalScreen, Screen
+from textual.widgets import Markdown
+
+ABOUT = """\
+# miStudio
+
+A terminal dashboard for the miStudio daemon (`mistudiod`): it trains sparse autoencoders on a
+language model's activations and shows their progress live.
+
+- **Dashboard**: the GPUs (or the CPU when there is none), every job, the loss of running jobs.
+- **New job**: a training job's form; fields are checked as you type and the memory preflight
+  says whether the model fits before you submit.
+- **Job detail**: live loss, L0, FVE and dead-latent curves, the log, the result when done.
+
+The TUI never waits on the network: when the daemon stops, the status line says
+*disconnected, retrying*, and everything resyncs when it is back. `ctrl+p` opens the command
+palette, which lists every action.
+"""
+
+
+class HelpScreen(ModalScreen[None]):
+    CSS_PATH = "help.tcss"
+    BINDINGS = [Binding("escape,q,f1,question_mark", "dismiss", "Close help")]
+
+    def __init__(self, under: Screen) -> None:
+        super().__init__()
+        self.under = under
+
+    def compose(self) -> ComposeResult:
+        with VerticalScroll(id="help"):
+            yield Markdown(ABOUT + "\n" + keys_table(self.under))
+
+
+def keys_table(screen: Screen) -> str:
+    """The keys active on `screen` (its own and the app's), as a Markdown table."""
+    rows = []
+    seen = set()
+    for node in (screen, screen.app):
+        for binding in node.BINDINGS:
+            binding = binding if isinstance(binding, Binding) else Binding(*binding)
+            if binding.description and binding.action not in seen:
+                seen.add(binding.action)
+                rows.append(f"| `{binding.key.replace(',', '`, `')}` | {binding.description} |")
+    return "## Keys here\n\n| key | action |\n|---|---|\n" + "\n".join(rows)

@@ -1,0 +1,1 @@
+"""The TUI's widgets: each draws one part of the daemon's state from `tui.state.DaemonState`."""
