@@ -14,6 +14,7 @@ jobs whose curves are on screen, so nothing shown is stale or has holes.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from pathlib import Path
 
 import zmq
@@ -57,7 +58,8 @@ class DaemonLink:
                 self.state.apply_job((await self.request("job.show", {"id": job_id}))["job"])
             await self._fetch_history(job_id, logs=True)
 
-    async def upload_corpus(self, path: str, on_progress=None) -> dict:
+    async def upload_corpus(self, path: str,
+                            on_progress: Callable[[int, int], None] | None = None) -> dict:
         """Upload a local file as a corpus (see `Client.upload_corpus`)."""
         await self.request("daemon.health")  # fails plainly when disconnected
         return await self.client.upload_corpus(path, on_progress=on_progress)

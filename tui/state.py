@@ -18,7 +18,6 @@ from textual.dom import DOMNode
 from textual.signal import Signal
 
 HISTORY = 120  # readings kept for sparklines: two minutes at the daemon's 1 Hz
-ACTIVE_STATES = ("queued", "running")
 FINISHED_STATES = ("succeeded", "failed", "cancelled")
 
 
@@ -91,7 +90,6 @@ class DaemonState:
         self.jobs: dict[int, dict] = {}
         self.metrics: dict[int, MetricSeries] = {}
         self.logs: dict[int, list[dict]] = {}
-        self.corpora: list[dict] = []
         self.connection_changed: Signal[Connection] = Signal(owner, "connection_changed")
         self.status_changed: Signal[dict] = Signal(owner, "status_changed")
         self.gpus_changed: Signal[None] = Signal(owner, "gpus_changed")

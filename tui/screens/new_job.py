@@ -268,7 +268,6 @@ class NewJobScreen(DaemonScreen):
             corpora = (await self.link.request("corpus.list"))["corpora"]
         except MistudioError:
             return  # offline: the built-in corpus stays available; a reconnect reloads
-        self.state.corpora = corpora
         widget = self.query_one("#corpus", Select)
         current = select or widget.value
         options = [(f"{DEMO_CORPUS} (built in)", DEMO_CORPUS)] + [
