@@ -1,4 +1,5 @@
-"""Snapshots of every TUI screen at 80x24 (pytest-textual-snapshot), from fixed data.
+"""Snapshots of every TUI screen at 80x24, and of the two main ones on a wide terminal
+(pytest-textual-snapshot), from fixed data.
 
 The app runs without a link (`connect=False`) and its state is filled with the same events a
 daemon would send, so what is drawn is exactly what the live app would draw. Clocks are frozen:
@@ -102,8 +103,9 @@ def fill(app: MistudioApp, *, gpus: bool = True) -> None:
                              ("warning", "out of memory at 8192 tokens: 2 micro-batches")])])
 
 
-def snapshot(snap_compare, press=(), *, gpus=True, connected=True, then=None) -> bool:
-    app = MistudioApp(connect=False)
+def snapshot(snap_compare, press=(), *, gpus=True, connected=True, then=None,
+             size=(80, 24), theme="textual-dark") -> bool:
+    app = MistudioApp(connect=False, theme=theme)
 
     async def before(pilot):
         fill(app, gpus=gpus)
@@ -116,11 +118,25 @@ def snapshot(snap_compare, press=(), *, gpus=True, connected=True, then=None) ->
         await app.workers.wait_for_complete()
         await pilot.pause(0.3)  # signals' callbacks and the redraws they schedule
 
-    return snap_compare(app, press=press, terminal_size=(80, 24), run_before=before)
+    return snap_compare(app, press=press, terminal_size=size, run_before=before)
 
 
 def test_dashboard_with_a_gpu(snap_compare):
     assert snapshot(snap_compare)
+
+
+def test_dashboard_in_the_light_theme(snap_compare):
+    assert snapshot(snap_compare, theme="textual-light")
+
+
+def test_dashboard_on_a_wide_terminal(snap_compare):
+    """At 130 columns and more the jobs and the curves stand side by side."""
+    assert snapshot(snap_compare, size=(160, 44))
+
+
+def test_job_detail_on_a_wide_terminal(snap_compare):
+    """The four charts in one row, and a longer log."""
+    assert snapshot(snap_compare, then=lambda app: app.open_job(3), size=(160, 44))
 
 
 def test_dashboard_on_a_cpu_machine_while_disconnected(snap_compare):
