@@ -14,7 +14,6 @@ data: resuming a run only needs the number of windows it has consumed.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from pathlib import Path
 
 from mistudio_core.demo import DEMO_MODEL_ALIAS, demo_corpus_path, ensure_demo_model
 from mistudio_core.errors import MistudioError
+from mistudio_core.files import file_sha256
 
 TEXT_SUFFIXES = (".txt", ".text", ".md")
 CORPUS_SUFFIXES = (*TEXT_SUFFIXES, ".jsonl", ".parquet")
@@ -72,11 +72,7 @@ class Corpus:
 
     def fingerprint(self) -> str:
         """SHA-256 of the file's bytes: ties a cache or a trained SAE to exactly this data."""
-        digest = hashlib.sha256()
-        with self.path.open("rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-        return digest.hexdigest()
+        return file_sha256(self.path)
 
     def _text_documents(self) -> Iterator[str]:
         lines: list[str] = []

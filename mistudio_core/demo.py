@@ -463,11 +463,16 @@ def _pack(docs_ids: Sequence[Sequence[int]], separator: int, context_size: int) 
     return torch.tensor(stream[:usable], dtype=torch.long).view(-1, context_size)
 
 
-def _new_model(recipe: DemoRecipe, tokenizer: PreTrainedTokenizerFast) -> GPT2LMHeadModel:
-    """A freshly initialised GPT-2; no dropout, since a few hundred steps cannot overfit it."""
-    eos = tokenizer.eos_token_id
-    config = GPT2Config(
-        vocab_size=len(tokenizer),
+def demo_config(recipe: DemoRecipe | None = None, vocab_size: int | None = None,
+                end_of_text_id: int = 0) -> GPT2Config:
+    """The demo model's config, known before it is built: the BPE fills the vocabulary to
+    `recipe.vocab_size`, and its only special token, the end of text, is its first (id 0).
+    Config-only reads (validation, the memory preflight) use it instead of training the model.
+    No dropout, since a few hundred steps cannot overfit it."""
+    recipe = recipe or DEMO_RECIPE
+    return GPT2Config(
+        architectures=["GPT2LMHeadModel"],
+        vocab_size=vocab_size or recipe.vocab_size,
         n_positions=recipe.n_positions,
         n_embd=recipe.n_embd,
         n_layer=recipe.n_layer,
@@ -475,10 +480,15 @@ def _new_model(recipe: DemoRecipe, tokenizer: PreTrainedTokenizerFast) -> GPT2LM
         resid_pdrop=0.0,
         embd_pdrop=0.0,
         attn_pdrop=0.0,
-        bos_token_id=eos,
-        eos_token_id=eos,
-        pad_token_id=eos,
+        bos_token_id=end_of_text_id,
+        eos_token_id=end_of_text_id,
+        pad_token_id=end_of_text_id,
     )
+
+
+def _new_model(recipe: DemoRecipe, tokenizer: PreTrainedTokenizerFast) -> GPT2LMHeadModel:
+    """A freshly initialised GPT-2 of the demo's config."""
+    config = demo_config(recipe, len(tokenizer), tokenizer.eos_token_id)
     model = GPT2LMHeadModel(config)
     model.loss_type = "ForCausalLM"  # GPT-2's class name hides it; transformers warns without it
     return model

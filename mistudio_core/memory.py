@@ -33,6 +33,7 @@ from transformers.pytorch_utils import Conv1D
 
 from mistudio_core.errors import MistudioError
 from mistudio_core.models import ModelSpec, find_blocks, is_encoder, load_config
+from mistudio_core.units import count, size
 
 QUANTIZATIONS = ("none", "8bit", "4bit")
 
@@ -388,11 +389,11 @@ class MemoryReport:
         device, first = self.device, self.estimates[0]
         lines = [
             f"{self.model_id} ({self.architecture}, {self.n_layers} layers, "
-            f"{_count(self.parameters.total)} params), {scope}",
-            f"{device.name} ({device.label}): {_size(device.free_bytes)} free of "
-            f"{_size(device.total_bytes)}",
-            f"SAE {_size(first.sae_bytes)}, activations of one sequence "
-            f"{_size(first.activations_bytes)}",
+            f"{count(self.parameters.total)} params), {scope}",
+            f"{device.name} ({device.label}): {size(device.free_bytes)} free of "
+            f"{size(device.total_bytes)}",
+            f"SAE {size(first.sae_bytes)}, activations of one sequence "
+            f"{size(first.activations_bytes)}",
         ]
         for partial, full in zip(self.estimates, self.full_model_estimates, strict=True):
             lines.append(_estimate_line(partial, full if self.layer is not None else None))
@@ -409,24 +410,11 @@ class MemoryReport:
 def _estimate_line(estimate: MemoryEstimate, full: MemoryEstimate | None) -> str:
     """`  4bit  weights 2.8 GiB, needs 13.4 GiB (whole 16.3 GiB): fits, batch 65536`"""
     verdict = f"fits, batch {estimate.recommended_batch_tokens}" if estimate.fits else "too big"
-    whole = f" (whole {_size(full.total_bytes)})" if full is not None else ""
+    whole = f" (whole {size(full.total_bytes)})" if full is not None else ""
     return (
-        f"  {estimate.quantization:<4}  weights {_size(estimate.weights_bytes)}, needs "
-        f"{_size(estimate.total_bytes)}{whole}: {verdict}"
+        f"  {estimate.quantization:<4}  weights {size(estimate.weights_bytes)}, needs "
+        f"{size(estimate.total_bytes)}{whole}: {verdict}"
     )
-
-
-def _size(n_bytes: int) -> str:
-    if n_bytes >= 2**30:
-        return f"{n_bytes / 2**30:.1f} GiB"
-    return f"{n_bytes / 2**20:.1f} MiB"
-
-
-def _count(n: int) -> str:
-    for scale, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
-        if n >= scale:
-            return f"{n / scale:.2f}{suffix}"
-    return str(n)
 
 
 def preflight(

@@ -27,7 +27,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mistudio_core.demo import DEMO_MODEL_ALIAS, ensure_demo_model
+from mistudio_core.demo import (
+    DEMO_MODEL_ALIAS,
+    default_demo_dir,
+    demo_config,
+    ensure_demo_model,
+    is_complete_build,
+)
 from mistudio_core.errors import MistudioError
 from mistudio_core.hooks import HookPoint
 
@@ -120,6 +126,8 @@ def load_config(spec: ModelSpec):
     """Read the model's config only: the cheap first step that validates an id."""
     from transformers import AutoConfig
 
+    if spec.model_id == DEMO_MODEL_ALIAS and not is_complete_build(default_demo_dir()):
+        return demo_config()  # reading a config must not train the demo model (minutes)
     source = resolve_source(spec.model_id)
     with _explained_loading_errors(spec):
         return AutoConfig.from_pretrained(source, revision=spec.revision, token=spec.token)

@@ -22,8 +22,7 @@ import zmq
 from mistudio_core import __version__
 from mistudio_core.errors import MistudioError
 from mistudiod.jobs import PARAMS, validate_params
-from mistudiod.protocol import PROTOCOL_VERSION, Message, ok
-from mistudiod.queue import STATES
+from mistudiod.protocol import JOB_STATES, PROTOCOL_VERSION, Message, ok
 from mistudiod.schema import Field, Schema
 from mistudiod.uploads import CHUNK_BYTES, check_corpus_name
 
@@ -283,9 +282,9 @@ def _job(daemon: Daemon, job_id: int):
 @operation("job.list", states=Field(list, item=str, max_length=5),
            limit=Field(int, default=100, min=1, max=10_000))
 async def job_list(daemon: Daemon, request: dict, _: Message, __: str) -> dict:
-    states = tuple(request["states"] or STATES)
-    if not set(states) <= set(STATES):
-        raise MistudioError(f"states must be among {', '.join(STATES)}", code="bad_request")
+    states = tuple(request["states"] or JOB_STATES)
+    if not set(states) <= set(JOB_STATES):
+        raise MistudioError(f"states must be among {', '.join(JOB_STATES)}", code="bad_request")
     return ok(jobs=[job.to_dict() for job in daemon.queue.list(states, request["limit"])])
 
 

@@ -33,6 +33,9 @@ from mistudio_core.errors import MistudioError
 
 MAGIC = b"MSTD1"
 PROTOCOL_VERSION = 1
+# A job's states, as job documents carry them (a contract with every client).
+JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
+FINISHED_STATES = ("succeeded", "failed", "cancelled")
 # A request larger than this is answered with an error rather than read; the socket's own hard
 # limit (MAX_FRAME_BYTES, enforced by libzmq) sits above it and drops the connection instead.
 MAX_MESSAGE_BYTES = 8 << 20

@@ -26,8 +26,7 @@ from pathlib import Path
 
 import sqlite_utils
 
-STATES = ("queued", "running", "succeeded", "failed", "cancelled")
-FINISHED = ("succeeded", "failed", "cancelled")
+from mistudiod.protocol import FINISHED_STATES, JOB_STATES
 
 
 @dataclass(frozen=True)
@@ -146,7 +145,7 @@ class JobQueue:
     def get(self, job_id: int) -> Job | None:
         return self._job(self.db.execute("SELECT * FROM jobs WHERE id = ?", [job_id]))
 
-    def list(self, states: tuple[str, ...] = STATES, limit: int = 100) -> list[Job]:
+    def list(self, states: tuple[str, ...] = JOB_STATES, limit: int = 100) -> list[Job]:
         marks = ",".join("?" * len(states))
         cursor = self.db.execute(
             f"SELECT * FROM jobs WHERE state IN ({marks}) ORDER BY id DESC LIMIT ?",
@@ -155,7 +154,7 @@ class JobQueue:
         return [Job.from_row(row) for row in _rows(cursor)]
 
     def counts(self) -> dict[str, int]:
-        counts = dict.fromkeys(STATES, 0)
+        counts = dict.fromkeys(JOB_STATES, 0)
         for state, n in self.db.execute("SELECT state, count(*) FROM jobs GROUP BY state"):
             counts[state] = n
         return counts
@@ -194,7 +193,7 @@ class JobQueue:
     def finish(self, job_id: int, attempt: int, state: str, result: dict | None = None,
                error: dict | None = None) -> bool:
         """End a running attempt; False if the attempt was superseded or already ended."""
-        assert state in FINISHED
+        assert state in FINISHED_STATES
         return self._fenced(
             "state = ?, finished_at = ?, result = ?, error = ?, lease_until = NULL",
             job_id, attempt,

@@ -12,7 +12,7 @@ import asyncio
 from pathlib import Path
 
 from mistudiod.client import Client
-from mistudiod.queue import FINISHED
+from mistudiod.protocol import FINISHED_STATES
 
 # Job errors that are the user's to fix (exit 2); anything else is a failed job (exit 1).
 USER_ERRORS = {"bad_input", "bad_usage", "bad_request", "model_not_found", "bad_corpus",
@@ -98,7 +98,7 @@ async def follow(client: Client, job_id: int, progress) -> dict:
                 shown_log = entry["id"]
         if job["total_steps"] and progress.bar is None:
             progress.start(job["kind"], job["total_steps"], unit="step")
-        if job["state"] in FINISHED:
+        if job["state"] in FINISHED_STATES:
             return job
 
 

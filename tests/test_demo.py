@@ -204,3 +204,16 @@ def test_a_foreign_directory_is_never_replaced(tmp_path):
 def test_steps_must_be_positive(tmp_path):
     with pytest.raises(MistudioError, match="steps must be at least 1"):
         demo.build_demo_model(tmp_path / "model", steps=0)
+
+
+def test_the_config_is_known_without_building_and_matches_the_build(built, monkeypatch,
+                                                                    tmp_path):
+    from mistudio_core.models import ModelSpec, load_config
+
+    monkeypatch.setenv("MISTUDIO_DEMO_DIR", str(tmp_path / "not-built"))
+    config = load_config(ModelSpec(demo.DEMO_MODEL_ALIAS))
+    assert not (tmp_path / "not-built").exists()  # nothing was trained to answer
+    assert (config.n_layer, config.n_embd) == (demo.DEMO_RECIPE.n_layer, demo.DEMO_RECIPE.n_embd)
+    built_config = json.loads((built[0] / "config.json").read_text())
+    assert demo.demo_config(demo.DEMO_RECIPE).vocab_size == built_config["vocab_size"]
+    assert built_config["eos_token_id"] == 0 == config.eos_token_id

@@ -18,7 +18,6 @@ from textual.dom import DOMNode
 from textual.signal import Signal
 
 HISTORY = 120  # readings kept for sparklines: two minutes at the daemon's 1 Hz
-FINISHED_STATES = ("succeeded", "failed", "cancelled")
 
 
 @dataclass

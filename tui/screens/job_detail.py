@@ -14,9 +14,9 @@ from textual.widget import Widget
 from textual.widgets import Log, Static
 
 from mistudio_core.errors import MistudioError
+from mistudiod.protocol import FINISHED_STATES
 from tui import format
 from tui.screens.base import DaemonScreen
-from tui.state import FINISHED_STATES
 from tui.widgets.jobs_table import STATE_STYLES, short_hook
 from tui.widgets.metric_chart import MetricChart
 
