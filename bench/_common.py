@@ -1,10 +1,12 @@
 """Helpers shared by the benchmarks: noise-resistant timing, tables and JSON output.
 
-The machines these run on are often shared, so no benchmark trusts an absolute time on its own:
-every figure that has a target is a ratio against a baseline measured in the same process, with
-the candidates and the baseline run in alternation (A B A B ..., the order rotated every round)
-and the median of the rounds taken. A burst of load from another process then hits both sides of
-a round alike, and the median drops the rounds it spoiled.
+The machines these run on are often shared, so the compute benchmarks (train_step, extract,
+quality) trust no absolute time on its own: every figure of theirs that has a target is a ratio
+against a baseline measured in the same process, with the candidates and the baseline run in
+alternation (A B A B ..., the order rotated every round) and the median of the rounds taken. A
+burst of load from another process then hits both sides of a round alike, and the median drops
+the rounds it spoiled. The latency benchmarks (daemon_latency, tui_keys) have absolute targets as
+well (see README.md).
 """
 
 from __future__ import annotations

@@ -47,9 +47,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from mistudio_core.errors import MistudioError
-
-DEMO_MODEL_ALIAS = "demo"
-"""The model name that stands for the demo model wherever a model id is accepted."""
+from mistudio_core.model_ids import DEMO_MODEL_ALIAS as DEMO_MODEL_ALIAS  # re-exported
 
 DEMO_BUILD_VERSION = 1
 """Bumped when the build's code changes what it makes (the recipe is compared field by field)."""
@@ -337,8 +335,8 @@ def _build_into(staging: Path, recipe: DemoRecipe, report: Progress) -> None:
         lm_ids, sae_ids = _encode(tokenizer, lm_docs), _encode(tokenizer, sae_docs)
         train_contexts = _pack(lm_ids, tokenizer.eos_token_id, recipe.context_size)
         eval_contexts = _pack(sae_ids, tokenizer.eos_token_id, recipe.context_size)
-        _require_contexts(len(train_contexts), recipe.batch_size)
-        _require_contexts(len(eval_contexts), 1)
+        _require_contexts(len(train_contexts), recipe.batch_size, "training")
+        _require_contexts(len(eval_contexts), 1, "held-out")
         model = _new_model(recipe, tokenizer)
         losses = _train_and_evaluate(model, train_contexts, eval_contexts, recipe, report)
     model.save_pretrained(staging)
@@ -378,11 +376,12 @@ def _stdlib_corpus(recipe: DemoRecipe) -> list[str]:
     return docs
 
 
-def _require_contexts(available: int, needed: int) -> None:
+def _require_contexts(available: int, needed: int, what: str) -> None:
     """A stdlib stripped down to a few files cannot fill even one batch; say so plainly."""
     if available < needed:
         raise MistudioError(
-            f"the standard library's docstrings fill only {available} training contexts",
+            f"the standard library's docstrings fill only {available} {what} contexts "
+            f"(at least {needed} needed)",
             "use a Python installation that ships its full standard library sources",
         )
 

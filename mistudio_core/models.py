@@ -22,20 +22,14 @@ import copy
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from mistudio_core.demo import (
-    DEMO_MODEL_ALIAS,
-    default_demo_dir,
-    demo_config,
-    ensure_demo_model,
-    is_complete_build,
-)
+from mistudio_core.demo import default_demo_dir, demo_config, ensure_demo_model, is_complete_build
 from mistudio_core.errors import MistudioError
 from mistudio_core.hooks import HookPoint
+from mistudio_core.model_ids import DEMO_MODEL_ALIAS, check_model_id
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -109,17 +103,7 @@ def resolve_source(model_id: str) -> str:
     """A local directory, the built-in demo model, or a hub id, as from_pretrained takes it."""
     if model_id == DEMO_MODEL_ALIAS:  # the offline demo model, built once and cached
         return str(ensure_demo_model())
-    path = Path(model_id).expanduser()
-    if path.is_dir():
-        return str(path)
-    # A hub id is `name` or `owner/name`; anything else that looks like a path must exist.
-    if model_id.startswith((".", "/", "~")) or model_id.count("/") > 1:
-        raise MistudioError(
-            f"model directory {model_id} does not exist",
-            hint="check the path, or give a hub id such as EleutherAI/pythia-160m",
-            code="model_not_found",
-        )
-    return model_id
+    return check_model_id(model_id) or model_id
 
 
 def load_config(spec: ModelSpec):
@@ -373,18 +357,24 @@ def find_blocks(model: nn.Module) -> nn.ModuleList:
 
 
 def load_model(
-    spec: ModelSpec, *, up_to_layer: int | None = None, with_lm_head: bool = False
+    spec: ModelSpec,
+    *,
+    up_to_layer: int | None = None,
+    with_lm_head: bool = False,
+    config=None,
 ) -> HookedModel:
     """Load a model for reading activations (partially, up to a layer) or for LM evals.
 
     With `with_lm_head` the whole causal LM is loaded (CE-loss evals need every layer and the
     unembedding). Otherwise the base model is loaded without its head, and with `up_to_layer`
-    only the blocks 0..up_to_layer.
+    only the blocks 0..up_to_layer. `config` saves reading the config again when the caller has
+    (`load_config(spec)`); from_pretrained may annotate it, so it is not for reuse afterwards.
     """
     from transformers import AutoModel, AutoModelForCausalLM
 
     source = resolve_source(spec.model_id)
-    config = load_config(spec)
+    if config is None:
+        config = load_config(spec)
     n_layers = n_layers_of(config)
     if up_to_layer is not None:
         check_layer(config, up_to_layer, spec.model_id)

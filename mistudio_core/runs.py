@@ -7,8 +7,11 @@ job does the same thing whichever way it is started. Progress goes to a callback
 
 from __future__ import annotations
 
+import errno
 import json
 import math
+import os
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -198,12 +201,22 @@ def evaluate_saved(
 
 
 def _writable_directory(directory: Path) -> None:
-    """Fail before any work if a directory the run writes to cannot be made or written."""
+    """Fail before any work if a directory the run writes to could not be made or written.
+
+    Nothing is created here (the trainer and the cache make their directories when they first
+    write), so a run refused later, for a bad model or corpus, leaves no empty directory behind:
+    the probe is a temporary file in the nearest directory that exists. A real file rather than
+    `os.access`, which says yes to root even where nothing can be created (/proc, a read-only
+    mount)."""
+    existing = directory.expanduser().absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
     try:
-        directory.mkdir(parents=True, exist_ok=True)
-        probe = directory / ".mistudio-write-test"
-        probe.touch()
-        probe.unlink()
+        if not existing.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
+        descriptor, probe = tempfile.mkstemp(prefix=".mistudio-write-test-", dir=existing)
+        os.close(descriptor)
+        os.unlink(probe)
     except OSError as exc:
         raise MistudioError(
             f"cannot write to {directory}: {exc.strerror or exc}",

@@ -20,9 +20,13 @@ import sys
 import traceback
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
+from mistudio_core import units
 from mistudio_core.errors import MistudioError
 from mistudiod import remote
+from mistudiod.jobs import PARAMS
+from mistudiod.schema import Schema
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -34,14 +38,41 @@ class _Parser(argparse.ArgumentParser):
         raise MistudioError(message, hint=f"see `{self.prog} --help`", code="bad_usage")
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(float(text)) if "e" in text.lower() else int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} must be at least 1")
-    return value
+def _whole(low: float | None = None, high: float | None = None) -> Callable[[str], int]:
+    """An argparse type: a whole number as people type it (`4096`, `2.5e6`, `10k`, `1M`),
+    within `low..high`."""
+
+    def parse(text: str) -> int:
+        value = units.parse_count(text)
+        if value is None:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number")
+        if low is not None and value < low:
+            raise argparse.ArgumentTypeError(f"{text} must be at least {low:g}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"{text} must be at most {high:g}")
+        return value
+
+    return parse
+
+
+def _field(parser, schema: Schema, flag: str, name: str | None = None, **options) -> None:
+    """An option for a field of a request schema (a job's parameters, a daemon request), with
+    the schema's default, choices and range: the daemon and the CLI cannot disagree on them.
+    `name` is the field when it is not the option's own name."""
+    spec = schema.fields[name or flag.removeprefix("--").replace("-", "_")]
+    if spec.required:
+        options.setdefault("required", True)
+    if spec.kind is bool:
+        options.setdefault("action", "store_true")
+    else:
+        options.setdefault("default", spec.default)
+        if spec.choices is not None:
+            options.setdefault("choices", spec.choices)
+        if spec.kind is int:
+            options.setdefault("type", _whole(spec.min, spec.max))
+        elif spec.kind is float:
+            options.setdefault("type", float)
+    parser.add_argument(flag, **options)
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -50,18 +81,33 @@ def _common(parser: argparse.ArgumentParser) -> None:
                         help="the daemon's socket directory (MISTUDIO_RUNTIME_DIR)")
 
 
-def _model_options(parser: argparse.ArgumentParser, required: bool = True) -> None:
-    parser.add_argument("--model", required=required,
-                        help="hub id, local directory, or `demo` (the offline demo model)")
-    parser.add_argument("--revision", help="branch, tag or commit of a hub model")
-    parser.add_argument("--dtype", default="auto",
-                        choices=["auto", "float32", "bfloat16", "float16"])
-    parser.add_argument("--quantization", default="auto", choices=["auto", "none", "8bit", "4bit"])
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda:N")
+def _model_options(parser: argparse.ArgumentParser, kind: str) -> None:
+    schema = PARAMS[kind]
+    _field(parser, schema, "--model",
+           help="hub id, local directory, or `demo` (the offline demo model)")
+    _field(parser, schema, "--revision", help="branch, tag or commit of a hub model")
+    _field(parser, schema, "--dtype")
+    _field(parser, schema, "--quantization")
+    _field(parser, schema, "--device", help="auto, cpu or cuda:N")
     parser.add_argument("--hf-token", help="token for private or gated models (or set HF_TOKEN)")
 
 
+def _job_options(parser: argparse.ArgumentParser) -> None:
+    from mistudiod.operations import OPERATIONS
+
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--local", action="store_true", help="run in this process, no daemon")
+    where.add_argument("--detach", action="store_true", help="print the job id and return")
+    submit = OPERATIONS["job.submit"].schema
+    _field(parser, submit, "--priority", help="higher runs first (-100..100)")
+    _field(parser, submit, "--retries", name="max_retries",
+           help="times to resume the job from its checkpoint after a crash")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    # The daemon's request schemas (torch-free; not imported for `mistudio tui`).
+    from mistudiod.operations import OPERATIONS
+
     parser = _Parser(prog="mistudio", description="miStudio: SAEs for Hugging Face models.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
@@ -71,54 +117,54 @@ def build_parser() -> argparse.ArgumentParser:
     _common(demo)
 
     memory = commands.add_parser("check-memory", help="will a model fit? (reads only its config)")
+    request = OPERATIONS["model.check_memory"].schema
     memory.add_argument("model", help="hub id, local directory, or `demo`")
-    memory.add_argument("--quantization", default="auto", choices=["auto", "none", "8bit", "4bit"])
-    memory.add_argument("--layer", type=int, help="only blocks up to this layer will be loaded")
-    memory.add_argument("--context-size", type=_positive_int, default=128)
-    memory.add_argument("--d-sae", type=_positive_int, help="SAE width (default 16x hidden)")
-    memory.add_argument("--revision")
+    _field(memory, request, "--quantization")
+    _field(memory, request, "--layer", help="only blocks up to this layer will be loaded")
+    _field(memory, request, "--context-size")
+    _field(memory, request, "--d-sae", help="SAE width (default 16x hidden)")
+    _field(memory, request, "--revision")
     memory.add_argument("--hf-token")
     memory.add_argument("--local", action="store_true",
                         help="price it against this machine's devices, without the daemon")
     _common(memory)
 
     train = commands.add_parser("train", help="train an SAE on a model's activations")
-    _model_options(train)
-    train.add_argument(
-        "--hook", required=True, help="layers.L.resid_post|resid_pre|mlp_out|attn_out"
-    )
-    train.add_argument("--corpus", required=True, help=".txt, .jsonl or .parquet (or `demo`)")
-    train.add_argument("--text-field", default="text", help="JSONL/Parquet field with the text")
-    train.add_argument("--out", required=True, type=Path, help="the SAE directory to write")
-    train.add_argument("--arch", default="topk", choices=["topk", "batchtopk", "jumprelu", "relu"])
-    train.add_argument("--k", type=_positive_int, default=32)
+    params = PARAMS["train"]
+    _model_options(train, "train")
+    _field(train, params, "--hook", help="layers.L.resid_post|resid_pre|mlp_out|attn_out")
+    _field(train, params, "--corpus", help=".txt, .jsonl or .parquet (or `demo`)")
+    _field(train, params, "--text-field", help="JSONL/Parquet field with the text")
+    _field(train, params, "--out", required=True, type=Path, help="the SAE directory to write")
+    _field(train, params, "--arch")
+    _field(train, params, "--k")
     width = train.add_mutually_exclusive_group()
-    width.add_argument("--expansion", type=_positive_int, default=16)
-    width.add_argument("--d-sae", type=_positive_int)
-    train.add_argument("--tokens", type=_positive_int, default=2_000_000)
-    train.add_argument("--context-size", type=_positive_int, default=128)
-    train.add_argument("--batch-tokens", type=_positive_int, default=4096)
-    train.add_argument("--lr", type=float, help="default: 2e-4 / sqrt(d_sae / 16384)")
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--l1-coefficient", type=float, default=5.0, help="relu only")
-    train.add_argument("--l0-coefficient", type=float, default=0.01, help="jumprelu only")
-    train.add_argument("--cache", type=Path, help="activation cache directory to reuse or fill")
-    train.add_argument(
-        "--eval-tokens", type=int, default=0,
-        help="evaluate on the corpus's first N tokens after training (for a held-out score, "
-        "run `mistudio eval` on other text)",
-    )
-    train.add_argument("--checkpoint-every", type=_positive_int, default=200, help="steps")
-    train.add_argument("--resume", action="store_true", help="continue from --out's checkpoint")
+    _field(width, params, "--expansion")
+    _field(width, params, "--d-sae")
+    _field(train, params, "--tokens")
+    _field(train, params, "--context-size")
+    _field(train, params, "--batch-tokens")
+    _field(train, params, "--lr", help="default: 2e-4 / sqrt(d_sae / 16384)")
+    _field(train, params, "--seed")
+    _field(train, params, "--l1-coefficient", help="relu only")
+    _field(train, params, "--l0-coefficient", help="jumprelu only")
+    _field(train, params, "--cache", type=Path,
+           help="activation cache directory to reuse or fill")
+    _field(train, params, "--eval-tokens",
+           help="evaluate on the corpus's first N tokens after training (for a held-out score, "
+                "run `mistudio eval` on other text)")
+    _field(train, params, "--checkpoint-every", help="steps")
+    _field(train, params, "--resume", help="continue from --out's checkpoint")
     _job_options(train)
     _common(train)
 
     evaluate = commands.add_parser("eval", help="evaluate a trained SAE")
-    evaluate.add_argument("sae_dir", type=Path)
-    _model_options(evaluate)
-    evaluate.add_argument("--corpus", required=True)
-    evaluate.add_argument("--text-field", default="text")
-    evaluate.add_argument("--tokens", type=_positive_int, default=100_000)
+    params = PARAMS["eval"]
+    evaluate.add_argument("sae_dir")  # as typed: `./x` is a path here, `x` may be the daemon's
+    _model_options(evaluate, "eval")
+    _field(evaluate, params, "--corpus")
+    _field(evaluate, params, "--text-field")
+    _field(evaluate, params, "--tokens")
     _job_options(evaluate)
     _common(evaluate)
 
@@ -126,11 +172,11 @@ def build_parser() -> argparse.ArgumentParser:
                                                             "sees them")):
         _common(commands.add_parser(name, help=text))
     listing = commands.add_parser("jobs", help="list the daemon's jobs")
-    listing.add_argument("--limit", type=_positive_int, default=50)
+    _field(listing, OPERATIONS["job.list"].schema, "--limit", default=50)
     _common(listing)
     job = commands.add_parser("job", help="one job: show, cancel, logs, metrics, result")
     job.add_argument("action", choices=sorted(remote.JOB_ACTIONS))
-    job.add_argument("id", type=_positive_int)
+    job.add_argument("id", type=_whole(1))
     _common(job)
     corpus = commands.add_parser("corpus", help="corpora in the daemon's store")
     corpus_actions = corpus.add_subparsers(dest="action", required=True, parser_class=_Parser)
@@ -142,14 +188,6 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("tui", help="the terminal dashboard (as `mistudio-tui`; its options "
                                     "follow)", add_help=False)
     return parser
-
-
-def _job_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--local", action="store_true", help="run in this process, no daemon")
-    parser.add_argument("--detach", action="store_true", help="print the job id and return")
-    parser.add_argument("--priority", type=int, default=0, help="higher runs first (-100..100)")
-    parser.add_argument("--retries", type=int, default=0,
-                        help="times to resume the job from its checkpoint after a crash")
 
 
 # ----- commands --------------------------------------------------------------------------------
@@ -164,6 +202,8 @@ def _demo_model(args, progress) -> dict:
 
 def _check_memory(args, _progress) -> dict:
     if not args.local:
+        _refuse_hf_token(args)
+        args.model = remote.input_path(args.model, "model")
         return remote.call(args, remote.check_memory)
     from mistudio_core.memory import check_memory
     from mistudio_core.models import ModelSpec
@@ -175,53 +215,40 @@ def _check_memory(args, _progress) -> dict:
     )
 
 
-def _train_params(args) -> dict:
-    return {
-        **_model_params(args), "hook": args.hook, "corpus": args.corpus,
-        "text_field": args.text_field, "out": str(args.out), "arch": args.arch, "k": args.k,
-        "expansion": args.expansion, "d_sae": args.d_sae, "tokens": args.tokens,
-        "context_size": args.context_size, "batch_tokens": args.batch_tokens, "lr": args.lr,
-        "seed": args.seed, "l1_coefficient": args.l1_coefficient,
-        "l0_coefficient": args.l0_coefficient,
-        "cache": str(args.cache) if args.cache else None, "eval_tokens": args.eval_tokens,
-        "checkpoint_every": args.checkpoint_every, "resume": args.resume,
-    }
+def _params(kind: str, args) -> dict:
+    """A job's parameters: every field of its schema, from the option of the same name."""
+    values = {name: getattr(args, name) for name in PARAMS[kind].fields}
+    return {name: str(value) if isinstance(value, Path) else value
+            for name, value in values.items()}
 
 
-def _eval_params(args) -> dict:
-    return {**_model_params(args), "sae_dir": str(args.sae_dir), "corpus": args.corpus,
-            "text_field": args.text_field, "tokens": args.tokens}
-
-
-def _model_params(args) -> dict:
-    return {"model": args.model, "revision": args.revision, "dtype": args.dtype,
-            "quantization": args.quantization, "device": args.device}
-
-
-def _job(kind: str, build_params: Callable) -> Callable:
+def _job(kind: str) -> Callable:
     """A job command: in this process with --local, else submitted to the daemon."""
 
     def command(args, progress) -> dict:
-        params = build_params(args)
+        params = _params(kind, args)
         if args.local:
-            if args.detach:
-                raise MistudioError("--detach needs the daemon", hint="drop --detach or --local")
             from mistudiod.jobs import run_job, validate_params
 
             return run_job(kind, validate_params(kind, params), progress.event,
                            token=_token(args))
-        if args.hf_token:
-            raise MistudioError(
-                "the daemon uses its own Hugging Face token, not --hf-token",
-                hint="set HF_TOKEN in the daemon's environment (or `hf auth login` as its "
-                     "user), or add --local", code="bad_usage")
+        _refuse_hf_token(args)
         for name in params.keys() & {"model", "corpus", "sae_dir"}:
-            params[name] = remote.input_path(params[name])
+            params[name] = remote.input_path(params[name], name)
         for name in params.keys() & {"out", "cache"}:
             params[name] = remote.output_path(params[name])
         return remote.call(args, remote.submit_and_wait, kind, params, progress)
 
     return command
+
+
+def _refuse_hf_token(args) -> None:
+    """The daemon loads models with its own login: a token given here would be ignored."""
+    if args.hf_token:
+        raise MistudioError(
+            "the daemon uses its own Hugging Face token, not --hf-token",
+            hint="set HF_TOKEN in the daemon's environment (or `hf auth login` as its "
+                 "user), or add --local", code="bad_usage")
 
 
 def _corpus(args, progress) -> dict:
@@ -234,21 +261,19 @@ def _daemon(command: Callable) -> Callable:
     return lambda args, _progress: remote.call(args, command)
 
 
-COMMANDS: dict[str, Callable] = {
-    "demo-model": _demo_model,
-    "check-memory": _check_memory,
-    "train": _job("train", _train_params),
-    "eval": _job("eval", _eval_params),
-    "status": _daemon(remote.status),
-    "gpu": _daemon(remote.gpu),
-    "jobs": _daemon(remote.jobs),
-    "job": _daemon(remote.job_command),
-    "corpus": _corpus,
-}
-
-
 def _token(args) -> str | None:
     return args.hf_token or os.environ.get("HF_TOKEN")
+
+
+# ----- output ----------------------------------------------------------------------------------
+
+
+def _metrics_text(point: dict) -> str:
+    """A training metrics point as people read it (the figures it has)."""
+    figures = (("loss", "loss", "{:.4f}"), ("FVE", "fve", "{:.3f}"), ("L0", "l0", "{:.1f}"),
+               ("dead", "dead_pct", "{:.1f}%"), ("MSE", "mse", "{:.4g}"))
+    return "  ".join(f"{label} {form.format(point[key])}" for label, key, form in figures
+                     if point.get(key) is not None)
 
 
 class _Progress:
@@ -261,8 +286,18 @@ class _Progress:
         from tqdm import tqdm
 
         self.close()
+        scaled = {"unit_scale": True, "unit_divisor": 1024} if unit == "B" else {}
         self.bar = tqdm(total=total, desc=description, unit=unit, file=sys.stderr,
-                        dynamic_ncols=True, disable=None)
+                        dynamic_ncols=True, disable=None, **scaled)
+
+    def update(self, position: int, total: int | None = None) -> None:
+        """Move the bar to `position` (of a new `total`, if given)."""
+        if self.bar is None:
+            return
+        if total is not None:
+            self.bar.total = total
+        self.bar.n = position
+        self.bar.refresh()
 
     def line(self, message: str) -> None:
         if self.bar is not None:
@@ -271,24 +306,20 @@ class _Progress:
             print(message, file=sys.stderr, flush=True)
 
     def event(self, kind: str, payload: dict) -> None:
+        """A job's progress callback (`mistudiod.jobs.run_job`)."""
         if kind == "start":
             self.start(payload["description"], payload["total"], payload["unit"])
         elif kind == "log":
             self.line(payload["message"])
         elif kind == "metrics" and self.bar is not None:
-            figures = {"loss": f"{payload['loss']:.4f}", "fve": f"{payload['fve']:.3f}",
-                       "l0": f"{payload['l0']:.1f}", "dead": f"{payload['dead_pct']:.1f}%"}
             if self.bar.disable:  # not a terminal (a log file, a pipe): one line per report
-                text = "  ".join(f"{name} {value}" for name, value in figures.items())
-                self.line(f"step {payload['step']}/{self.bar.total}  {text}  "
+                self.line(f"step {payload['step']}/{self.bar.total}  {_metrics_text(payload)}  "
                           f"{payload['tokens_per_s']:.0f} tok/s")
                 return
-            self.bar.n = payload["step"]
-            self.bar.set_postfix(figures, refresh=False)
-            self.bar.refresh()
-        elif kind == "progress" and self.bar is not None:
-            self.bar.n = payload["tokens"]
-            self.bar.refresh()
+            self.bar.set_postfix_str(_metrics_text(payload), refresh=False)
+            self.update(payload["step"])
+        elif kind == "progress":
+            self.update(payload["tokens"])
 
     def close(self) -> None:
         if self.bar is not None:
@@ -296,55 +327,77 @@ class _Progress:
             self.bar = None
 
 
-def _render(args, document: dict) -> str:
-    """The human-readable form of a command's result."""
-    command = args.command
-    if "summary" in document:
-        return document["summary"]
-    if "job" in document and command in ("train", "eval", "job"):
-        return _render_job(document["job"])
-    if command == "train":
-        metrics = document["final_metrics"]
-        lines = [f"SAE saved in {document['path']} after {document['steps']} steps",
-                 f"FVE {metrics.get('fve', float('nan')):.3f}  L0 {metrics.get('l0', 0):.1f}  "
-                 f"dead {metrics.get('dead_pct', 0):.2f}%  MSE {metrics.get('mse', 0):.4g}"]
-        if document.get("evaluation"):
-            from mistudio_core.evals import EvalResult
-
-            lines.append(EvalResult(**document["evaluation"]).summary())
-        return "\n".join(lines)
-    if command == "status":
-        jobs = document["jobs"]
-        gpus = document["gpus"]
-        return "\n".join([
-            f"mistudiod {document['version']} (pid {document['pid']}), up "
-            f"{document['uptime_s']:.0f} s; {document['runtime_dir']}",
-            f"jobs: {jobs['running']} running (max {document['max_jobs']}), {jobs['queued']} "
-            f"queued, {jobs['succeeded']} succeeded, {jobs['failed']} failed, "
-            f"{jobs['cancelled']} cancelled",
-            f"GPUs: {gpus['count']}" if gpus["available"] else f"GPUs: none ({gpus['reason']})",
-        ])
-    if command == "gpu":
-        from mistudiod.gpus import format_gpus
-
-        return format_gpus(document)
-    if command == "jobs":
-        return "\n".join([f"{'ID':>5}  {'STATE':<10} {'KIND':<6} {'PROGRESS':>8}  MODEL"] + [
-            f"{j['id']:>5}  {j['state']:<10} {j['kind']:<6} {100 * j['progress']:>7.1f}%  "
-            f"{j['params'].get('model', '')}" for j in document["jobs"]])
-    if "logs" in document:
-        return "\n".join(entry["message"] for entry in document["logs"])
-    if "points" in document:
-        return "\n".join(f"step {p['step']}: loss {p['loss']:.4f} FVE {p['fve']:.3f} "
-                         f"L0 {p['l0']:.1f} dead {p['dead_pct']:.1f}%"
-                         for p in document["points"])
-    if "corpora" in document:
-        return "\n".join(f"{c['name']:<40} {c['size']:>12} B  {c['sha256'][:12]}"
-                         for c in document["corpora"]) or "no corpora uploaded yet"
-    if "corpus" in document:
-        corpus = document["corpus"]
-        return f"uploaded {corpus['name']} ({corpus['size']} bytes, sha256 {corpus['sha256']})"
+def _render_fields(_args, document: dict) -> str:
     return "\n".join(f"{key}: {value}" for key, value in document.items() if key != "ok")
+
+
+def _render_summary(args, document: dict) -> str:
+    return document.get("summary") or _render_fields(args, document)
+
+
+def _render_train(args, document: dict) -> str:
+    if "job" in document:  # --detach
+        return _render_job(document["job"])
+    lines = [f"SAE saved in {document['path']} after {document['steps']} steps",
+             _metrics_text(document["final_metrics"])]
+    if document.get("evaluation"):
+        from mistudio_core.evals import EvalResult
+
+        lines.append(EvalResult(**document["evaluation"]).summary())
+    return "\n".join(lines)
+
+
+def _render_eval(args, document: dict) -> str:
+    return _render_job(document["job"]) if "job" in document else _render_summary(args, document)
+
+
+def _render_status(_args, document: dict) -> str:
+    jobs, gpus = document["jobs"], document["gpus"]
+    return "\n".join([
+        f"mistudiod {document['version']} (pid {document['pid']}), up "
+        f"{units.duration(document['uptime_s'])}; {document['runtime_dir']}",
+        f"jobs: {jobs['running']} running (max {document['max_jobs']}), {jobs['queued']} "
+        f"queued, {jobs['succeeded']} succeeded, {jobs['failed']} failed, "
+        f"{jobs['cancelled']} cancelled",
+        f"GPUs: {gpus['count']}" if gpus["available"] else f"GPUs: none ({gpus['reason']})",
+    ])
+
+
+def _render_gpu(_args, document: dict) -> str:
+    from mistudiod.gpus import format_gpus
+
+    return format_gpus(document)
+
+
+def _render_jobs(_args, document: dict) -> str:
+    return "\n".join([f"{'ID':>5}  {'STATE':<10} {'KIND':<6} {'PROGRESS':>8}  MODEL"] + [
+        f"{j['id']:>5}  {j['state']:<10} {j['kind']:<6} {100 * j['progress']:>7.1f}%  "
+        f"{j['params'].get('model', '')}" for j in document["jobs"]])
+
+
+def _render_job_action(args, document: dict) -> str:
+    if args.action == "logs":
+        return "\n".join(entry["message"] for entry in document["logs"])
+    if args.action == "metrics":
+        return "\n".join(f"step {p['step']}: {_metrics_text(p)}" for p in document["points"])
+    if args.action == "result":
+        result, error = document.get("result") or {}, document.get("error")
+        lines = [f"job {args.id}: {document['state']}"]
+        if result.get("summary") or result.get("path"):
+            lines.append(result.get("summary") or f"result: {result['path']}")
+        if error:
+            lines.append(f"error: {error['message']}")
+        return "\n".join(lines)
+    return _render_job(document["job"])  # show, cancel
+
+
+def _render_corpus(args, document: dict) -> str:
+    if args.action == "list":
+        return "\n".join(f"{c['name']:<40} {units.size(c['size']):>10}  {c['sha256'][:12]}"
+                         for c in document["corpora"]) or "no corpora uploaded yet"
+    corpus = document["corpus"]
+    return (f"uploaded {corpus['name']} ({units.size(corpus['size'])}, "
+            f"sha256 {corpus['sha256']})")
 
 
 def _render_job(job: dict) -> str:
@@ -357,6 +410,24 @@ def _render_job(job: dict) -> str:
     return "\n".join(lines)
 
 
+class Command(NamedTuple):
+    run: Callable  # (args, progress) -> the result document
+    render: Callable  # (args, document) -> its human-readable form
+
+
+COMMANDS: dict[str, Command] = {
+    "demo-model": Command(_demo_model, _render_fields),
+    "check-memory": Command(_check_memory, _render_summary),
+    "train": Command(_job("train"), _render_train),
+    "eval": Command(_job("eval"), _render_eval),
+    "status": Command(_daemon(remote.status), _render_status),
+    "gpu": Command(_daemon(remote.gpu), _render_gpu),
+    "jobs": Command(_daemon(remote.jobs), _render_jobs),
+    "job": Command(_daemon(remote.job_command), _render_job_action),
+    "corpus": Command(_corpus, _render_corpus),
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["tui"]:  # the dashboard parses its own options
@@ -365,10 +436,14 @@ def main(argv: list[str] | None = None) -> int:
         return tui_main(argv[1:])
     wants_json = "--json" in argv
     progress = _Progress()
+    args = None
     try:
         args = build_parser().parse_args(argv)
-        document = COMMANDS[args.command](args, progress)
+        document = COMMANDS[args.command].run(args, progress)
         progress.close()
+    except remote.Detached as detached:  # Ctrl-C while following: the job runs on
+        progress.close()
+        return _fail(detached.to_dict(), wants_json, EXIT_FAILED, job_id=detached.job_id)
     except MistudioError as error:
         progress.close()
         return _fail(error.to_dict(), wants_json, EXIT_USAGE)
@@ -378,8 +453,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         progress.close()
         return _fail({"code": "interrupted", "message": "interrupted",
-                      "hint": "rerun with --resume to continue a training run"},
-                     wants_json, EXIT_FAILED)
+                      "hint": _interrupted_hint(args)}, wants_json, EXIT_FAILED)
     except Exception as error:  # a bug or an environment failure: the job failed
         progress.close()
         traceback.print_exc(file=sys.stderr)
@@ -389,8 +463,18 @@ def main(argv: list[str] | None = None) -> int:
     if wants_json:
         print(json.dumps({"ok": True, **document}, default=str))
     else:
-        print(_render(args, document))
+        print(COMMANDS[args.command].render(args, document))
     return EXIT_OK
+
+
+def _interrupted_hint(args) -> str:
+    """What to do after Ctrl-C: only a run in this process is gone (and can be resumed)."""
+    command = getattr(args, "command", None)
+    if command not in ("train", "eval"):
+        return ""
+    if args.local:
+        return "rerun with --resume to continue the training run" if command == "train" else ""
+    return "`mistudio jobs` shows whether the job reached the daemon"
 
 
 def _fail(error: dict, wants_json: bool, status: int, **extra) -> int:

@@ -7,7 +7,8 @@ reading. With no NVML library, no driver or no GPU the monitor says so in `reaso
 keeps working on the CPU.
 
 This module imports no torch: the daemon imports it at start and must come up fast. Only
-`devices()`, which answers the memory preflight, imports `mistudio_core.memory` (and so torch).
+`devices_of()` and `gpu_devices()`, which answer the memory preflight, import
+`mistudio_core.memory` (and so torch); the daemon calls them in a thread.
 
 NVML numbers GPUs in PCI order and ignores CUDA_VISIBLE_DEVICES, so `index` here is the NVML
 index, and `cuda:N` is torch's name for it only when every GPU is visible in that order.
@@ -169,19 +170,9 @@ class GpuMonitor:
         return None
 
     def devices(self) -> list[DeviceMemory]:
-        """Each GPU's free and total memory for the preflight, or CPU RAM when there is none.
-
-        A GPU whose memory NVML cannot read is left out rather than guessed at.
-        """
-        from mistudio_core.memory import DeviceMemory, _cpu_memory
-
-        gpus = [
-            DeviceMemory(f"cuda:{gpu['index']}", gpu["name"] or f"GPU {gpu['index']}",
-                         gpu["memory_free"], gpu["memory_total"])
-            for gpu in self.snapshot()["gpus"]
-            if gpu["memory_free"] is not None and gpu["memory_total"] is not None
-        ]
-        return gpus or [_cpu_memory()]
+        """A fresh reading's devices (`devices_of`); the daemon derives them from its latest
+        snapshot instead of taking another reading."""
+        return devices_of(self.snapshot())
 
     def close(self) -> None:
         """Shut NVML down; the monitor reports no GPU afterwards."""
@@ -193,11 +184,52 @@ class GpuMonitor:
             self._query(self._nvml.nvmlShutdown)
 
 
+def _readable_gpus(snapshot: dict) -> list[dict]:
+    """The GPUs of a snapshot whose memory NVML could read (the others are left out rather than
+    guessed at)."""
+    return [gpu for gpu in snapshot.get("gpus") or ()
+            if gpu["memory_free"] is not None and gpu["memory_total"] is not None]
+
+
+def has_gpus(snapshot: dict) -> bool:
+    """Whether a snapshot has a GPU to place jobs on (torch-free, unlike `gpu_devices`)."""
+    return bool(_readable_gpus(snapshot))
+
+
+def gpu_devices(snapshot: dict) -> list[DeviceMemory]:
+    """Each GPU's free and total memory in a snapshot, for the preflight and the placer."""
+    from mistudio_core.memory import DeviceMemory
+
+    return [DeviceMemory(f"cuda:{gpu['index']}", gpu["name"] or f"GPU {gpu['index']}",
+                         gpu["memory_free"], gpu["memory_total"])
+            for gpu in _readable_gpus(snapshot)]
+
+
+def devices_of(snapshot: dict) -> list[DeviceMemory]:
+    """`gpu_devices(snapshot)`, or CPU RAM (read now) when there is no GPU."""
+    from mistudio_core.memory import _cpu_memory
+
+    return gpu_devices(snapshot) or [_cpu_memory()]
+
+
+def job_gpu_memory(snapshot: dict) -> dict[int, int]:
+    """Job id -> the GPU memory NVML sees its worker holding (the snapshot's `owners`).
+
+    Unknown (None) amounts count as 0, and so does a worker NVML does not list (in a container
+    with its own pid namespace the pids do not match): the placer then stays cautious.
+    """
+    used: dict[int, int] = {}
+    for gpu in snapshot.get("gpus") or ():
+        for process in gpu.get("processes") or ():
+            if process["job_id"] is not None and process["used_memory"] is not None:
+                used[process["job_id"]] = used.get(process["job_id"], 0) + process["used_memory"]
+    return used
+
 
 def cpu_load() -> dict:
     """The machine's processors and RAM, published beside the GPUs so that a panel has real
     numbers on a CPU-only server (where the jobs run on these). Non-blocking: the CPU share is
-    measured since the previous call."""
+    measured since the previous call, so the daemon calls it once per tick and keeps it."""
     memory = psutil.virtual_memory()
     return {"util_percent": psutil.cpu_percent(interval=None), "count": psutil.cpu_count(),
             "load_1m": psutil.getloadavg()[0], "memory_used": int(memory.total - memory.available),

@@ -38,9 +38,9 @@ PARAMS: dict[str, Schema] = {
         expansion=Field(int, default=16, min=1, max=1024),
         d_sae=Field(int, min=1, max=1 << 24),
         tokens=Field(int, default=2_000_000, min=1, max=10**13),
-        context_size=Field(int, default=128, min=2, max=1 << 17),
+        context_size=Field(int, default=128, min=2, max=1 << 16),  # ExtractionConfig's range
         batch_tokens=Field(int, default=4096, min=1, max=1 << 20),
-        lr=Field(float, min=0, max=1),
+        lr=Field(float, min=0, max=1),  # and strictly between: see validate_params
         seed=Field(int, default=0, min=0, max=2**31 - 1),
         l1_coefficient=Field(float, default=5.0, min=0),
         l0_coefficient=Field(float, default=0.01, min=0),
@@ -61,7 +61,9 @@ PARAMS: dict[str, Schema] = {
 
 def validate_params(kind: str, params: dict) -> dict:
     """A job's parameters checked field by field (the hook by the core's own parser, whose
-    message lists the hook names), with defaults filled in."""
+    message lists the hook names), with defaults filled in. What the core's configs would
+    refuse in the worker (`TrainConfig`: at least one batch of tokens, 0 < lr < 1) is refused
+    here, before the job is queued."""
     from mistudio_core.errors import MistudioError
     from mistudio_core.hooks import HookPoint
 
@@ -72,6 +74,16 @@ def validate_params(kind: str, params: dict) -> dict:
         except MistudioError as error:
             error.field = "hook"
             raise
+        if valid["tokens"] < valid["batch_tokens"]:
+            raise MistudioError(
+                f"field `tokens` ({valid['tokens']}) must be at least one batch "
+                f"(`batch_tokens` {valid['batch_tokens']})",
+                hint="raise tokens or lower batch_tokens", code="bad_request", field="tokens")
+        if valid["lr"] is not None and not 0 < valid["lr"] < 1:
+            raise MistudioError(f"field `lr` must be between 0 and 1 (exclusive), got "
+                                f"{valid['lr']:g}",
+                                hint="leave it out to scale with the SAE's width, or try 2e-4",
+                                code="bad_request", field="lr")
     return valid
 
 

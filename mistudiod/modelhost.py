@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import gc
 import json
 import logging
@@ -51,6 +50,7 @@ from mistudiod.protocol import (
     raise_for_error,
 )
 from mistudiod.schema import Field, Schema
+from mistudiod.worker import die_with_parent
 
 if TYPE_CHECKING:
     from mistudio_core.models import HookedModel, ModelSpec
@@ -61,7 +61,6 @@ log = logging.getLogger("mistudiod.modelhost")
 # start any Python process at all.
 START_TIMEOUT = 60.0
 STOP_TIMEOUT = 10.0
-PR_SET_PDEATHSIG = 1
 
 CacheKey = tuple[str, str | None, str, str]  # model_id, revision, dtype, quantization
 
@@ -100,22 +99,26 @@ class ModelCache:
             return self._used_locked()
 
     def load(self, spec: ModelSpec) -> dict:
-        """Load `spec` on this device (or touch it if held) and return its info."""
+        """Load `spec` on this device (or touch it if held) and return its info.
+
+        The config is read once and `auto` quantization resolved once: the key, the estimate
+        and the load all use the resolved spec."""
         from mistudio_core.models import is_causal_lm, load_config, load_model
 
         spec = replace(spec, device=self.device)
-        key = self._key(spec)
+        dtype = _resolved_dtype(spec)  # a bad dtype is refused before any read
+        config = load_config(spec)
+        spec, key = _resolved(spec, dtype, config)
         with self._loading:
             if (info := self._touch(key)) is not None:
                 return info
-            config = load_config(spec)
             with_lm_head = is_causal_lm(config)  # encoders have no LM head to steer with
             estimate = _estimated_bytes(spec, config)
             if estimate > self.budget_bytes:
                 raise self._too_big(spec, estimate, "would take")
             self._make_room(estimate)
             loaded_at, started = time.time(), time.perf_counter()
-            model = load_model(spec, with_lm_head=with_lm_head)
+            model = load_model(spec, with_lm_head=with_lm_head, config=config)
             size = _model_bytes(model)
             if size > self.budget_bytes:
                 del model
@@ -136,7 +139,12 @@ class ModelCache:
 
     def get(self, spec: ModelSpec) -> HookedModel:
         """The loaded model for `spec`, now the most recently used."""
-        key = self._key(replace(spec, device=self.device))
+        from mistudio_core.models import load_config
+
+        spec = replace(spec, device=self.device)
+        dtype = _resolved_dtype(spec)
+        config = load_config(spec) if spec.quantization == "auto" else None
+        _, key = _resolved(spec, dtype, config)
         with self._lock:
             entry = self._entries.get(key)
             if entry is None:
@@ -164,22 +172,6 @@ class ModelCache:
         """The info of every model held, least recently used first."""
         with self._lock:
             return [dict(entry.info) for entry in self._entries.values()]
-
-    def _key(self, spec: ModelSpec) -> CacheKey:
-        """The key of what would be loaded: `auto` dtype and quantization resolved (from the
-        config), so `auto` and the choice it stands for name the same copy."""
-        from mistudio_core.models import (
-            load_config,
-            resolve_device,
-            resolve_dtype,
-            resolve_quantization,
-        )
-
-        dtype = _dtype_name(resolve_dtype(spec.dtype, resolve_device(spec.device)))
-        quantization = spec.quantization
-        if quantization == "auto":
-            quantization = resolve_quantization(spec, load_config(spec))
-        return (spec.model_id, spec.revision, dtype, quantization)
 
     def _touch(self, key: CacheKey) -> dict | None:
         with self._lock:
@@ -226,8 +218,25 @@ class ModelCache:
         )
 
 
+def _resolved_dtype(spec: ModelSpec) -> str:
+    """The dtype `spec` loads in on its device (`auto` resolved)."""
+    from mistudio_core.models import resolve_device, resolve_dtype
+
+    return _dtype_name(resolve_dtype(spec.dtype, resolve_device(spec.device)))
+
+
+def _resolved(spec: ModelSpec, dtype: str, config) -> tuple[ModelSpec, CacheKey]:
+    """`spec` with its quantization resolved (from `config`, needed only for `auto`), and the key
+    of what it loads: `auto` and the choice it stands for name the same copy."""
+    from mistudio_core.models import resolve_quantization
+
+    spec = replace(spec, quantization=resolve_quantization(spec, config))
+    return spec, (spec.model_id, spec.revision, dtype, spec.quantization)
+
+
 def _estimated_bytes(spec: ModelSpec, config) -> int:
-    """The weights' size from the config alone, as `mistudio check-memory` prices them."""
+    """The weights' size from the config alone, as `mistudio check-memory` prices them (`spec`'s
+    quantization is resolved already: no second count of the parameters for `auto`)."""
     from mistudio_core.memory import count_parameters, weight_bytes
     from mistudio_core.models import resolve_device, resolve_dtype, resolve_quantization
 
@@ -375,21 +384,6 @@ async def serve(config: dict) -> None:
         task.add_done_callback(replies.discard)
 
 
-def _die_with_parent(parent_pid: int | None) -> None:
-    """Ask Linux to SIGKILL this process when the daemon dies, so no host outlives it.
-
-    The signal follows the thread that forked us: the daemon spawns hosts from its event loop,
-    in its main thread. If the daemon died before the request took effect, leave at once.
-    """
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (AttributeError, OSError):  # not Linux: the daemon's stop() is the only way out
-        return
-    if parent_pid and os.getppid() != parent_pid:
-        sys.exit("mistudiod model host: the daemon is gone")
-
-
 class _JournalFormatter(logging.Formatter):
     """Prefixes lines with their syslog priority, which journald reads off stderr."""
 
@@ -401,7 +395,7 @@ class _JournalFormatter(logging.Formatter):
 
 def main() -> None:
     config = json.loads(sys.stdin.read())
-    _die_with_parent(config.get("parent_pid"))
+    die_with_parent(config.get("parent_pid"))
     stream = logging.StreamHandler(sys.stderr)
     stream.setFormatter(_JournalFormatter(f"model host {config['device']}: %(message)s"))
     logging.basicConfig(level=logging.INFO, handlers=[stream])

@@ -21,6 +21,8 @@ import zmq
 
 from mistudio_core import __version__
 from mistudio_core.errors import MistudioError
+from mistudio_core.model_ids import DEMO_MODEL_ALIAS, check_model_id
+from mistudiod.gpus import devices_of
 from mistudiod.jobs import PARAMS, validate_params
 from mistudiod.protocol import JOB_STATES, PROTOCOL_VERSION, Message, ok
 from mistudiod.schema import Field, Schema
@@ -65,7 +67,7 @@ async def daemon_info(daemon: Daemon, _: dict, __: Message, ___: str) -> dict:
                   "pyzmq": zmq.__version__, "msgpack": ".".join(map(str, msgpack.version))},
         capabilities={"operations": sorted(OPERATIONS), "job_kinds": sorted(PARAMS),
                       "topics": ["daemon.status", "gpu.<uuid>", "job.<id>.state",
-                                 "job.<id>.metrics", "job.<id>.log", "host.<device>"],
+                                 "job.<id>.metrics", "job.<id>.log"],
                       "tcp": daemon.tcp is not None, "metrics_port": daemon.metrics_port,
                       "max_message_bytes": daemon.session.max_bytes,
                       "upload_chunk_bytes": CHUNK_BYTES},
@@ -102,17 +104,19 @@ async def gpu_status(daemon: Daemon, _: dict, __: Message, ___: str) -> dict:
                                                                   max=1 << 17),
            d_sae=Field(int, min=1, max=1 << 24))
 async def check_memory(daemon: Daemon, request: dict, _: Message, __: str) -> dict:
-    return ok(**await asyncio.to_thread(_check_memory, request, daemon.gpus.devices))
+    return ok(**await asyncio.to_thread(_check_memory, request, daemon.gpu_snapshot()))
 
 
-def _check_memory(request: dict, devices: Callable) -> dict:
+def _check_memory(request: dict, snapshot: dict) -> dict:
+    """The preflight against the daemon's latest GPU reading (no new one per keystroke)."""
     from mistudio_core.memory import check_memory
     from mistudio_core.models import ModelSpec
 
     return check_memory(
         ModelSpec(request["model"], revision=request["revision"]),
         quantization=request["quantization"], layer=request["layer"],
-        context_size=request["context_size"], d_sae=request["d_sae"], devices=devices(),
+        context_size=request["context_size"], d_sae=request["d_sae"],
+        devices=devices_of(snapshot),
     )
 
 
@@ -234,16 +238,17 @@ def _resolve_paths(daemon: Daemon, kind: str, params: dict) -> dict:
         raise MistudioError(f"no SAE directory {params['sae_dir']} on the daemon's machine",
                             hint="give the path of a trained SAE (a train job's `out`)",
                             code="bad_sae", field="sae_dir")
-    model = params["model"]
-    if model.startswith(("/", ".", "~")) and not Path(model).expanduser().is_dir():
-        raise MistudioError(f"model directory {model} does not exist on the daemon's machine",
-                            hint="give a hub id, `demo`, or a directory the daemon can read",
-                            code="model_not_found", field="model")
+    try:  # the rule the worker loads it by: a directory here, a hub id, or the demo model
+        check_model_id(params["model"])
+    except MistudioError as error:
+        error.message += " on the daemon's machine"
+        error.field = "model"
+        raise
     return params
 
 
 def _corpus_path(daemon: Daemon, corpus: str) -> str:
-    if corpus == "demo":
+    if corpus == DEMO_MODEL_ALIAS:  # the demo model's held-out corpus
         return corpus
     if Path(corpus).is_absolute():
         if not Path(corpus).is_file():

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mistudio_core.errors import MistudioError
+from mistudiod.protocol import CONNECTION_FILE
 
 
 def default_state_dir() -> Path:
@@ -49,7 +50,7 @@ class DaemonPaths:
 
     @property
     def connection_file(self) -> Path:
-        return self.runtime_dir / "connection.json"
+        return self.runtime_dir / CONNECTION_FILE
 
     @property
     def control_endpoint(self) -> str:

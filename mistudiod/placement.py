@@ -1,13 +1,15 @@
 """Which device a job runs on: the memory preflight's estimate against each GPU's free memory.
 
 NVML's free memory lags behind a job that has just started, so the placer also subtracts what it
-has already promised to the jobs it placed (their estimates) until they end. A job whose model is
-too big for every GPU fails at once with the preflight's advice; one that would fit once other
-jobs end waits in the queue. Without GPUs every job runs on the CPU.
+has promised to the jobs it placed, less what their workers already hold: once NVML shows a
+worker's memory it is no longer in "free", and counting it again as a promise would keep room
+empty. A job whose model is too big for every GPU fails at once with the preflight's advice; one
+that would fit once other jobs end waits in the queue. Without GPUs every job runs on the CPU.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from mistudio_core.errors import MistudioError
@@ -23,8 +25,12 @@ class Placer:
         self._reserved: dict[int, tuple[str, int]] = {}
 
     def place(self, job_id: int, requested: str, need_bytes: int | None,
-              devices: list[DeviceMemory]) -> str | None:
-        """The device for a job, or None when it must wait for room. Raises if it never fits."""
+              devices: list[DeviceMemory], used: Mapping[int, int] | None = None) -> str | None:
+        """The device for a job, or None when it must wait for room. Raises if it never fits.
+
+        `used` maps the jobs already placed to the GPU memory NVML sees their workers holding,
+        read with `devices`' free memory.
+        """
         devices = [d for d in devices if d.name != "cpu"]
         if requested == "cpu" or (requested == "auto" and not devices):
             return "cpu"
@@ -44,7 +50,7 @@ class Placer:
                      "(`mistudio check-memory` shows what fits)",
                 code="out_of_memory",
             )
-        room = {d.name: d.free_bytes - self._promised(d.name) for d in devices}
+        room = {d.name: d.free_bytes - self._promised(d.name, used or {}) for d in devices}
         best = max(room, key=room.get)
         if room[best] < need:
             return None
@@ -54,28 +60,38 @@ class Placer:
     def release(self, job_id: int) -> None:
         self._reserved.pop(job_id, None)
 
-    def _promised(self, device: str) -> int:
-        return sum(need for name, need in self._reserved.values() if name == device)
+    def _promised(self, device: str, used: Mapping[int, int]) -> int:
+        """What the jobs placed on `device` may still take beyond what they hold already."""
+        return sum(max(0, need - used.get(job_id, 0))
+                   for job_id, (name, need) in self._reserved.items() if name == device)
 
 
-def estimate_train_bytes(params: dict) -> int | None:
+def estimate_train_bytes(params: dict, devices: list[DeviceMemory]) -> int | None:
     """What a training job needs on its GPU by the memory preflight (None when unknown).
 
-    Reads the model's config only; the demo model is tiny and is left unestimated so that
-    scheduling never waits for it to be built.
+    Priced as the worker will load it: the quantization resolved by the worker's own rule, the
+    job's dtype (`auto` is priced as bfloat16, what GPUs load it in) and SAE width. `devices` are
+    the daemon's GPUs, read from its snapshot: asking torch would open CUDA in the daemon. Reads
+    the model's config only; the demo model is tiny and is left unestimated so that scheduling
+    never waits for it to be built.
     """
-    from mistudio_core.demo import DEMO_MODEL_ALIAS
+    import torch
+
     from mistudio_core.hooks import HookPoint
     from mistudio_core.memory import preflight
-    from mistudio_core.models import ModelSpec, load_config
+    from mistudio_core.model_ids import DEMO_MODEL_ALIAS
+    from mistudio_core.models import DTYPES, ModelSpec, load_config, resolve_quantization
 
     if params["model"] == DEMO_MODEL_ALIAS:
         return None
-    config = load_config(ModelSpec(params["model"], revision=params["revision"]))
+    spec = ModelSpec(params["model"], revision=params["revision"],
+                     quantization=params["quantization"])
+    config = load_config(spec)
+    hidden = config.get_text_config().hidden_size
+    dtype = torch.bfloat16 if params["dtype"] == "auto" else DTYPES[params["dtype"]]
     report = preflight(config, model_id=params["model"],
-                       layer=HookPoint.parse(params["hook"]).layer,
-                       context_size=params["context_size"], d_sae=params["d_sae"])
-    quantization = params["quantization"]
-    if quantization == "auto":
-        quantization = report.recommended_quantization or "4bit"
+                       layer=HookPoint.parse(params["hook"]).layer, dtype=dtype,
+                       context_size=params["context_size"],
+                       d_sae=params["d_sae"] or params["expansion"] * hidden, devices=devices)
+    quantization = resolve_quantization(spec, config)
     return next(e.total_bytes for e in report.estimates if e.quantization == quantization)

@@ -8,8 +8,15 @@ Every message is one multipart ZeroMQ message:
 `content` are msgpack maps; `signature` is the hex HMAC-SHA256 of header and content under the
 key from the connection file, so only processes that can read that 0600 file can talk to the
 daemon. The header is `{msg_id, type, session, version, seq, date}`, and a reply adds
-`parent_id`, the `msg_id` of the request it answers. Arrays travel as raw buffers after the
-content, described in the content by dtype and shape; nothing is ever pickled.
+`parent_id`, the `msg_id` of the request it answers. Bulk data travels as raw buffers after the
+content (corpus uploads send their chunks so); nothing is ever pickled. `pack_array` and
+`unpack_array` are the format for numpy arrays in those buffers, described in the content by
+dtype and shape: no operation sends arrays yet, so only the tests use them today, and they are
+kept as the checked format that activation and feature requests are to use.
+
+A signed message that is refused (too large, unreadable content, another protocol version) is
+answered: the refusal carries the request it refuses, so the error reply names it as its parent
+and reaches the waiting caller instead of looking like a daemon that is gone.
 
 `Session` is the one place that builds and checks these frames, as in jupyter_client.
 """
@@ -21,6 +28,7 @@ import hmac
 import json
 import os
 import secrets
+import socket
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -68,7 +76,6 @@ class Message:
     content: dict
     buffers: list[bytes] = field(default_factory=list)
     idents: list[bytes] = field(default_factory=list)
-    size: int = 0
 
     @property
     def type(self) -> str:
@@ -115,12 +122,13 @@ class Session:
     """
 
     def __init__(self, key: bytes, session: str | None = None,
-                 max_bytes: int = MAX_MESSAGE_BYTES) -> None:
+                 max_bytes: int = MAX_MESSAGE_BYTES, version: int = PROTOCOL_VERSION) -> None:
         if not key:
             raise ProtocolError("an empty key signs nothing", hint="read the connection file")
         self.key = key
         self.session = session or uuid.uuid4().hex
         self.max_bytes = max_bytes
+        self.version = version  # the protocol version this end speaks (tests fake another)
         self._seq = 0
         self._topic_seq: dict[str, int] = {}
 
@@ -136,7 +144,7 @@ class Session:
             self._seq += 1
             seq = self._seq
         header = {"msg_id": uuid.uuid4().hex, "type": msg_type, "session": self.session,
-                  "version": PROTOCOL_VERSION, "seq": seq, "date": time.time(), **extra}
+                  "version": self.version, "seq": seq, "date": time.time(), **extra}
         if parent is not None:
             header["parent_id"] = parent.msg_id
         return header
@@ -171,7 +179,8 @@ class Session:
             split = parts.index(MAGIC)
         except ValueError:
             raise ProtocolError(f"not a miStudio message: no {MAGIC.decode()} delimiter",
-                                hint="use mistudiod.client or the protocol in DESIGN.md",
+                                hint="use mistudiod.client (mistudiod/protocol.py describes "
+                                     "the format)",
                                 code="not_envelope") from None
         idents, body = parts[:split], parts[split + 1:]
         if len(body) < 3:
@@ -184,23 +193,29 @@ class Session:
         header = _unpack(header_bytes, "header")
         if not isinstance(header.get("type"), str) or not isinstance(header.get("msg_id"), str):
             raise ProtocolError("the header needs string `type` and `msg_id` fields")
-        if size > self.max_bytes:
-            error = ProtocolError(
-                f"message of {size} bytes is over the limit of {self.max_bytes}",
-                hint="send large data in chunks (corpus uploads do this for you)",
-                code="too_large",
-            )
-            error.request = Message(header, {}, idents=idents)
-            raise error
-        content = _unpack(content_bytes, "content")
-        version = header.get("version")
-        if version != PROTOCOL_VERSION:
-            raise ProtocolError(
-                f"protocol version {version!r} is not {PROTOCOL_VERSION}",
-                hint="use a client from the same miStudio release as the daemon",
-                code="bad_version",
-            )
-        return Message(header, content, buffers, idents, size)
+        # From here on the sender is known and its message identifiable: a refusal carries the
+        # message (and its content, once read) so that it can be answered and matched.
+        refused = Message(header, {}, idents=idents)
+        try:
+            if size > self.max_bytes:
+                raise ProtocolError(
+                    f"message of {size} bytes is over the limit of {self.max_bytes}",
+                    hint="send large data in chunks (corpus uploads do this for you)",
+                    code="too_large",
+                )
+            refused.content = _unpack(content_bytes, "content")
+            version = header.get("version")
+            if version != self.version:
+                raise ProtocolError(
+                    f"protocol version {version!r} is not {self.version}, the version spoken "
+                    "here",
+                    hint="use a client from the same miStudio release as the daemon",
+                    code="bad_version",
+                )
+        except ProtocolError as error:
+            error.request = refused
+            raise
+        return Message(header, refused.content, buffers, idents)
 
 
 def _pack(obj: Any) -> bytes:
@@ -261,7 +276,9 @@ class ConnectionInfo:
 
     The file is written with mode 0600 in the runtime directory (itself 0700), or 0640 in a
     0750 one for a group, so reading it is the permission to talk to the daemon. For TCP,
-    `curve_server_key` is the daemon's CurveZMQ public key.
+    `curve_server_key` is the daemon's CurveZMQ public key. `pid` and `host` say which process
+    wrote it, so a client can tell a file left by a killed daemon from a live one (a copy on
+    another machine, next to forwarded sockets, names another host and is not checked).
     """
 
     key: str
@@ -272,6 +289,7 @@ class ConnectionInfo:
     curve_server_key: str | None = None
     pid: int = 0
     version: str = ""
+    host: str = field(default_factory=socket.gethostname)
 
     def write(self, path: Path, group_readable: bool = False) -> None:
         """Write the file 0600, or 0640 when the daemon's group may use it too."""

@@ -6,12 +6,13 @@ blocking it, `busy_timeout` covers the moments they hold a lock, and `synchronou
 every commit survive a crash of the process (a kill -9 loses nothing committed).
 
 A job's life: queued -> running -> succeeded | failed | cancelled. `claim` moves the best queued
-job to running in one statement, `UPDATE ... WHERE id = (SELECT ... LIMIT 1) RETURNING`, and
-increments `attempt`. `attempt` is the fencing token: every later write about a running job names
-the attempt it belongs to, so a report from a worker of an earlier attempt (one presumed dead
-and replaced) can change nothing. A running job holds a lease that heartbeats extend. When the
-daemon starts, every row still `running` belongs to its previous life; `recover` puts them back
-in the queue marked to resume from their last checkpoint.
+job (or the one the worker pool has found room for) to running in one statement, `UPDATE ...
+WHERE id = (SELECT ...) RETURNING`, and increments `attempt`. `attempt` is the fencing token:
+every later write about a running job names the attempt it belongs to, so a report from a worker
+of an earlier attempt (one presumed dead and replaced) can change nothing. A running job holds a
+lease that heartbeats extend. When the daemon starts, every row still `running` belongs to its
+previous life; `recover` puts them back in the queue marked to resume from their last
+checkpoint.
 """
 
 from __future__ import annotations
@@ -159,24 +160,37 @@ class JobQueue:
             counts[state] = n
         return counts
 
-    def claim(self, lease_seconds: float) -> Job | None:
-        """Atomically take the queued job with the highest priority (oldest first)."""
+    def queued(self, limit: int = 1000) -> list[Job]:
+        """The queued jobs in the order `claim` takes them: highest priority, then oldest."""
+        cursor = self.db.execute(
+            "SELECT * FROM jobs WHERE state = 'queued' ORDER BY priority DESC, id LIMIT ?",
+            [limit],
+        )
+        return [Job.from_row(row) for row in _rows(cursor)]
+
+    def claim(self, lease_seconds: float, job_id: int | None = None) -> Job | None:
+        """Atomically take the queued job with the highest priority (oldest first), or job
+        `job_id` if it is still queued (the pool places a job before it claims it)."""
         now = time.time()
+        if job_id is None:
+            target = ("SELECT id FROM jobs WHERE state = 'queued'"
+                      " ORDER BY priority DESC, id LIMIT 1")
+            values = [now, now + lease_seconds]
+        else:
+            target = "SELECT id FROM jobs WHERE state = 'queued' AND id = ?"
+            values = [now, now + lease_seconds, job_id]
         return self._job(self.db.execute(
             "UPDATE jobs SET state = 'running', attempt = attempt + 1, device = NULL,"
             " worker_pid = NULL, started_at = coalesce(started_at, ?), lease_until = ?"
-            " WHERE id = (SELECT id FROM jobs WHERE state = 'queued'"
-            "             ORDER BY priority DESC, id LIMIT 1)"
-            " RETURNING *",
-            [now, now + lease_seconds],
+            f" WHERE id = ({target}) RETURNING *",
+            values,
         ))
 
-    def requeue(self, job_id: int, attempt: int) -> bool:
-        """Give a claimed job back (no room for it yet); it keeps its place by id."""
-        return self._fenced("state = 'queued', lease_until = NULL", job_id, attempt)
-
-    def placed(self, job_id: int, attempt: int, device: str, pid: int) -> bool:
-        return self._fenced("device = ?, worker_pid = ?", job_id, attempt, [device, pid])
+    def placed(self, job_id: int, attempt: int, device: str, pid: int,
+               lease_seconds: float) -> bool:
+        """Record where a claimed job's worker runs; its lease starts afresh with the worker."""
+        return self._fenced("device = ?, worker_pid = ?, lease_until = ?", job_id, attempt,
+                            [device, pid, time.time() + lease_seconds])
 
     def heartbeat(self, job_id: int, attempt: int, lease_seconds: float) -> bool:
         return self._fenced("lease_until = ?", job_id, attempt, [time.time() + lease_seconds])

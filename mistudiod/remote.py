@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+from mistudio_core.errors import MistudioError
 from mistudiod.client import Client
 from mistudiod.protocol import FINISHED_STATES
 
@@ -31,13 +32,52 @@ class JobFailed(Exception):
         self.status = 2 if self.error.get("code") in USER_ERRORS else 1
 
 
-def input_path(value: str | None) -> str | None:
+class Detached(MistudioError):
+    """Ctrl-C while following a job: the CLI stopped waiting, the job runs on in the daemon."""
+
+    def __init__(self, job_id: int) -> None:
+        super().__init__(f"stopped following job {job_id}; it keeps running in the daemon",
+                         hint=f"`mistudio job show {job_id}` shows how it is doing, "
+                              f"`mistudio job cancel {job_id}` stops it", code="detached")
+        self.job_id = job_id
+
+
+# A value that does not exist here but has the shape of a path was meant as one (a typo, a
+# wrong directory): refused here, where it can be named, rather than resolved by the daemon as
+# a name. A hub id is `org/name`; an uploaded corpus has a plain name; a plain relative SAE
+# directory is one under the daemon's runs/.
+_LOOKS_LIKE_A_PATH = {
+    "model": lambda v: v.startswith(("/", ".", "~")) or v.count("/") > 1,
+    "corpus": lambda v: v.startswith((".", "~")) or "/" in v,
+    "sae_dir": lambda v: v.startswith(("/", ".", "~")),
+    None: lambda v: v.startswith(("/", ".", "~")),
+}
+_MISSING = {  # field: (what it is, error code, hint)
+    "model": ("model directory", "model_not_found",
+              "give an existing directory, a hub id (org/name) or `demo`"),
+    "corpus": ("corpus", "bad_corpus",
+               "check the path; a corpus uploaded with `mistudio corpus add` is named by its "
+               "plain name (`mistudio corpus list`)"),
+    "sae_dir": ("SAE directory", "bad_sae", "give the directory of a trained SAE (a train "
+                                            "job's --out)"),
+    None: ("path", "bad_input", "check the path"),
+}
+
+
+def input_path(value: str | None, field: str | None = None) -> str | None:
     """A model, corpus or SAE given as a path that exists here, made absolute for the daemon;
     anything else (a hub id like `EleutherAI/pythia-160m`, an uploaded corpus's name, `demo`)
-    passes as it is, for the daemon to resolve."""
-    if value is None or not Path(value).expanduser().exists():
+    passes as it is, for the daemon to resolve. A `field` value shaped like a path that does
+    not exist is a MistudioError."""
+    if value is None:
         return value
-    return str(Path(value).expanduser().absolute())
+    path = Path(value).expanduser()
+    if path.exists():
+        return str(path.absolute())
+    if _LOOKS_LIKE_A_PATH[field](value):
+        what, code, hint = _MISSING[field]
+        raise MistudioError(f"{what} {value} does not exist", hint=hint, code=code, field=field)
+    return value
 
 
 def output_path(value: str | None) -> str | None:
@@ -61,14 +101,12 @@ async def submit_and_wait(client: Client, args, kind: str, params: dict, progres
                                                 "max_retries": args.retries})
     job = reply["job"]
     if args.detach:
-        progress.line(f"job {job['id']} queued; follow it with `mistudio job show {job['id']}`")
+        progress.line(f"job {job['id']} queued; `mistudio job show {job['id']}` shows it")
         return {"job": job}
     try:
         job = await follow(client, job["id"], progress)
-    except (KeyboardInterrupt, asyncio.CancelledError):
-        progress.line(f"job {job['id']} keeps running in the daemon; "
-                      f"`mistudio job cancel {job['id']}` stops it")
-        raise
+    except (KeyboardInterrupt, asyncio.CancelledError):  # Ctrl-C (asyncio.run cancels us)
+        raise Detached(job["id"]) from None
     if job["state"] != "succeeded":
         raise JobFailed(job)
     return {"job_id": job["id"], **(job["result"] or {})}
@@ -96,8 +134,11 @@ async def follow(client: Client, job_id: int, progress) -> dict:
             for entry in logs["logs"]:
                 progress.line(entry["message"])
                 shown_log = entry["id"]
-        if job["total_steps"] and progress.bar is None:
-            progress.start(job["kind"], job["total_steps"], unit="step")
+        if job["total_steps"]:  # steps of training, tokens of an evaluation
+            if progress.bar is None:
+                progress.start(job["kind"], job["total_steps"],
+                               unit="tok" if job["kind"] == "eval" else "step")
+            progress.update(job["step"], total=job["total_steps"])
         if job["state"] in FINISHED_STATES:
             return job
 
@@ -128,8 +169,9 @@ async def job_command(client: Client, args) -> dict:
 
 
 async def check_memory(client: Client, args) -> dict:
+    """The memory preflight on the daemon's devices (`args.model` already `input_path`ed)."""
     return await client.request("model.check_memory", {
-        "model": input_path(args.model), "revision": args.revision,
+        "model": args.model, "revision": args.revision,
         "quantization": args.quantization, "layer": args.layer,
         "context_size": args.context_size, "d_sae": args.d_sae,
     }, timeout=120)
@@ -147,6 +189,6 @@ async def corpus_add(client: Client, args, progress) -> dict:
         if offset == 0:
             progress.start(f"uploading {name}", size, unit="B")
         else:
-            progress.event("progress", {"tokens": offset})
+            progress.update(offset)
 
     return await client.upload_corpus(path, name, on_progress=uploaded)

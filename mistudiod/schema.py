@@ -85,5 +85,6 @@ def _describe(value: Any) -> str:
 
 def _bad(name: str, problem: str) -> MistudioError:
     return MistudioError(f"field `{name}` {problem}",
-                         hint="see DESIGN.md section 4 or `mistudio --help` for the fields",
+                         hint="`mistudio COMMAND --help` describes each option; the daemon's "
+                              "`daemon.info` lists its operations and job kinds",
                          code="bad_request", field=name)

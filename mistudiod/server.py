@@ -38,7 +38,7 @@ import zmq.asyncio
 from mistudio_core import __version__
 from mistudio_core.errors import MistudioError
 from mistudiod import systemd
-from mistudiod.gpus import GpuMonitor, cpu_load
+from mistudiod.gpus import GpuMonitor, cpu_load, gpu_devices
 from mistudiod.operations import OPERATIONS
 from mistudiod.paths import DaemonPaths
 from mistudiod.protocol import (
@@ -53,7 +53,7 @@ from mistudiod.protocol import (
 )
 from mistudiod.queue import Job, JobQueue
 from mistudiod.uploads import Uploads
-from mistudiod.workers import Settings, WorkerPool, cpu_threads_per_job
+from mistudiod.workers import Settings, WorkerPool, cpu_threads_per_job, spawn
 
 log = logging.getLogger("mistudiod")
 
@@ -83,6 +83,7 @@ class Daemon:
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task] = set()
         self._gpu_snapshot: dict = {"available": False, "reason": "not read yet", "gpus": []}
+        self._cpu_load: dict = {}
         self.metrics = None
 
     # ----- start and stop ----------------------------------------------------------------------
@@ -104,12 +105,12 @@ class Daemon:
         self.uploads = Uploads(self.paths.uploads, self.paths.corpora, self.max_corpus_bytes)
         self.gpus = GpuMonitor()
         self._gpu_snapshot = self.gpus.snapshot()
+        self._cpu_load = cpu_load()  # starts psutil's measurement window
         self.pool = WorkerPool(
-            self.queue, self.publish, self.gpus.devices, key,
+            self.queue, self.publish, self.gpu_snapshot, key,
             self.paths.workers_endpoint, self.paths.runs, self.settings,
-            on_finished=self._job_finished,
+            on_finished=self._job_finished, wake=self.wake_scheduler,
             threads_per_job=cpu_threads_per_job(self.settings.max_jobs),
-            has_gpus=lambda: bool(self._gpu_snapshot.get("gpus")),
         )
         self.control = self._socket(zmq.ROUTER, self.paths.control_endpoint)
         self.event_sockets.append(self._socket(zmq.XPUB, self.paths.events_endpoint))
@@ -200,14 +201,7 @@ class Daemon:
         self._lock.close()
 
     def _spawn(self, coroutine) -> None:
-        task = asyncio.get_running_loop().create_task(coroutine)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-
-    def _task_done(self, task: asyncio.Task) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("internal task failed", exc_info=task.exception())
+        spawn(self._tasks, coroutine)
 
     # ----- requests ----------------------------------------------------------------------------
 
@@ -292,6 +286,7 @@ class Daemon:
             await asyncio.sleep(1.0)
             self.pool.check_leases()
             self._gpu_snapshot = await asyncio.to_thread(self.gpus.snapshot, self.pool.owners())
+            self._cpu_load = cpu_load()  # once a tick: each call restarts the CPU share's window
             for gpu in self._gpu_snapshot.get("gpus", []):
                 self.publish(f"gpu.{gpu['uuid']}", gpu)
             status = self.status()
@@ -310,9 +305,11 @@ class Daemon:
             await asyncio.sleep(interval)
 
     async def _schedule(self) -> None:
+        """The one caller of `pool.fill`: at once when woken (a job submitted, ended or
+        retried), else every 2 s (GPU memory freed by others)."""
         while True:
+            self._wake.clear()  # a wake during the fill is for the next one
             await self.pool.fill()
-            self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=2.0)
 
@@ -340,7 +337,7 @@ class Daemon:
             "running": sorted(self.pool.running), "max_jobs": self.settings.max_jobs,
             "gpus": {"available": snapshot.get("available", False),
                      "reason": snapshot.get("reason"), "count": len(snapshot.get("gpus", []))},
-            "cpu": cpu_load(),
+            "cpu": self._cpu_load,
             "hosts": sorted(self.hosts), "state_dir": str(self.paths.state_dir),
             "runtime_dir": str(self.paths.runtime_dir),
         }
@@ -357,18 +354,23 @@ class Daemon:
         async with lock:
             host = self.hosts.get(device)
             if host is None:
-                budget = await asyncio.to_thread(_host_budget, self.gpus, device)
+                budget = await asyncio.to_thread(_host_budget, self._gpu_snapshot, device)
                 host = ModelHostClient(device, self.paths.runtime_dir, self.session.key, budget)
                 self.hosts[device] = host
             await host.start()  # a no-op while it runs; restarts a host that died
         return await host.request(msg_type, content, timeout=timeout)
 
 
-def _host_budget(gpus: GpuMonitor, device: str) -> int:
-    for candidate in gpus.devices():
+def _host_budget(snapshot: dict, device: str) -> int:
+    """A model host's byte budget: a share of its GPU's memory (from the latest GPU snapshot),
+    or of the RAM free now for the CPU's host (there is one on a GPU machine too)."""
+    if device == "cpu":
+        from mistudio_core.memory import _cpu_memory
+
+        return int(_cpu_memory().free_bytes * HOST_BUDGET_FRACTION)
+    for candidate in gpu_devices(snapshot):
         if candidate.name == device:
-            total = candidate.free_bytes if device == "cpu" else candidate.total_bytes
-            return int(total * HOST_BUDGET_FRACTION)
+            return int(candidate.total_bytes * HOST_BUDGET_FRACTION)
     raise MistudioError(f"no device {device} on the daemon's machine",
                         hint="see `mistudio gpu`", code="bad_request")
 

@@ -1,13 +1,13 @@
 """A job's worker process: runs one attempt of one job and reports over a PUSH socket.
 
-The daemon starts `python -m mistudiod.worker` and writes the assignment to its stdin as one JSON
-document: `{key, endpoint, job_id, attempt, kind, params, resume, heartbeat_s, threads}`. The
-worker runs `mistudiod.jobs.run_job` (the code `--local` runs) and sends every progress event,
-a heartbeat every `heartbeat_s` seconds, and finally a `done` event with the result or the
-error. Each report names the job and the attempt, which the daemon checks against its fencing
-token. A crash, an OOM kill or a SIGKILL leaves no `done`: the daemon sees the exit status and
-fails or retries the job. The worker dies with the daemon (PR_SET_PDEATHSIG), so a restarted
-daemon never finds an orphan still writing the run directory it resumes.
+The daemon starts `python -m mistudiod.worker` and writes the assignment to its stdin as one
+JSON document: `{key, endpoint, job_id, attempt, kind, params, resume, heartbeat_s, threads,
+parent_pid}`. The worker runs `mistudiod.jobs.run_job` (the code `--local` runs) and sends every
+progress event, a heartbeat every `heartbeat_s` seconds, and finally a `done` event with the
+result or the error. Each report names the job and the attempt, which the daemon checks against
+its fencing token. A crash, an OOM kill or a SIGKILL leaves no `done`: the daemon sees the exit
+status and fails or retries the job. The worker dies with the daemon (PR_SET_PDEATHSIG), so a
+restarted daemon never finds an orphan still writing the run directory it resumes.
 """
 
 from __future__ import annotations
@@ -26,21 +26,27 @@ from mistudio_core.errors import MistudioError
 from mistudiod.jobs import run_job
 from mistudiod.protocol import Session
 
-_PR_SET_PDEATHSIG = 1
+PR_SET_PDEATHSIG = 1
 # Jobs run at a lower CPU priority than the daemon, so that a training job that saturates the
 # cores never makes the control plane (status, cancel, the TUI's refreshes) wait for a core.
 WORKER_NICENESS = 10
 
 
-def die_with_parent() -> None:
-    """Ask Linux to SIGKILL this process when its parent (the daemon) dies."""
+def die_with_parent(parent_pid: int | None) -> None:
+    """Ask Linux to SIGKILL this process when the daemon (`parent_pid`) dies, so that no worker
+    or model host outlives it.
+
+    The signal follows the thread that forked us: the daemon spawns its children from its event
+    loop, in its main thread. If the daemon died before the request took effect, we have been
+    reparented (to init or to a subreaper, whatever its pid): leave at once.
+    """
     try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    except OSError:  # not Linux: the lease expiry covers orphans there
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (AttributeError, OSError):  # not Linux: leases and the daemon's stop() cover it
         return
-    if os.getppid() == 1:  # the parent died before prctl took effect
-        os._exit(1)
+    if parent_pid and os.getppid() != parent_pid:
+        sys.exit("mistudiod: the daemon that started this process is gone")
 
 
 class Reporter:
@@ -55,7 +61,7 @@ class Reporter:
 
     def __call__(self, kind: str, payload: dict) -> None:
         content = {"job_id": self.job_id, "attempt": self.attempt, "kind": kind,
-                   "payload": payload, "pid": os.getpid()}
+                   "payload": payload}
         frames = self.session.serialize("worker.report", _plain(content))
         with self.lock:
             self.socket.send_multipart(frames)
@@ -81,9 +87,9 @@ def _heartbeats(report: Reporter, interval: float, stop: threading.Event) -> Non
 
 
 def main() -> int:
-    die_with_parent()
-    os.nice(WORKER_NICENESS)
     spec = json.loads(sys.stdin.read())
+    die_with_parent(spec.get("parent_pid"))
+    os.nice(WORKER_NICENESS)
     # SIGTERM (a cancel) ends the job like Ctrl-C ends a local run.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     if spec.get("threads"):

@@ -1,12 +1,14 @@
 """The worker pool: claims queued jobs, runs each in its own process, and settles the outcome.
 
-Up to `max_jobs` workers run at once. Each report a worker PUSHes (log lines, metric points,
-progress, heartbeats, the final `done`) is checked against the attempt it was started for,
-stored in the queue and republished on `job.<id>.log|metrics|state`. When a worker exits the
-pool settles its job: `done` with a result means succeeded, with an error means failed (a
-mistake in the job, which no retry would fix); an exit without `done` (a crash, the OOM killer,
-a kill -9) fails the job with the exit status as the reason, or queues it again to resume from
-its checkpoint while it has retries left. Nothing a worker does can stop the daemon.
+Up to `max_jobs` workers run at once. A queued job is placed (mistudiod.placement) before it is
+claimed, so a job that must wait for room on a GPU stays queued untouched, and the jobs behind
+it that fit (a CPU job, a smaller one) start meanwhile. Each report a worker PUSHes (log lines,
+metric points, progress, heartbeats, the final `done`) is checked against the attempt it was
+started for, stored in the queue and republished on `job.<id>.log|metrics|state`. When a worker
+exits the pool settles its job: `done` with a result means succeeded, with an error means failed
+(a mistake in the job, which no retry would fix); an exit without `done` (a crash, the OOM
+killer, a kill -9) fails the job with the exit status as the reason, or queues it again to
+resume from its checkpoint while it has retries left. Nothing a worker does can stop the daemon.
 """
 
 from __future__ import annotations
@@ -18,11 +20,12 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from mistudio_core.errors import MistudioError
+from mistudiod.gpus import gpu_devices, has_gpus, job_gpu_memory
 from mistudiod.placement import Placer, estimate_train_bytes
 from mistudiod.queue import Job, JobQueue
 
@@ -31,6 +34,8 @@ log = logging.getLogger("mistudiod.workers")
 Publish = Callable[[str, dict], None]
 # Exit statuses of a worker that reported its own end (see mistudiod.worker.main).
 _REPORTED_EXITS = (0, 1, 2, 130)
+# What a worker runs; it reads its assignment as JSON on stdin.
+WORKER_COMMAND = (sys.executable, "-m", "mistudiod.worker")
 
 
 @dataclass
@@ -41,39 +46,48 @@ class Settings:
     kill_grace_s: float = 10.0
 
 
+_CANCELLED = {"code": "cancelled", "hint": "", "message": "cancelled while running"}
+
+
 @dataclass
 class RunningJob:
     job: Job
-    device: str
     process: asyncio.subprocess.Process
     log_path: Path
     done: asyncio.Event = field(default_factory=asyncio.Event)
     outcome: dict | None = None
     total: int = 0
     tokens_per_s: float = 0.0  # activations extracted and consumed per second, lately
+    killed_reason: str | None = None  # why the daemon SIGKILLed the worker, once it has
 
 
 class WorkerPool:
-    def __init__(self, queue: JobQueue, publish: Publish, devices: Callable[[], list], key: str,
-                 endpoint: str, runs_dir: Path, settings: Settings,
+    """`gpu_snapshot` returns the GPU manager's latest reading (the daemon's 1 Hz snapshot),
+    from which the placer takes each GPU's free memory and what our workers hold; `wake` asks
+    the daemon's scheduler for another `fill` (a job ended or went back to the queue)."""
+
+    def __init__(self, queue: JobQueue, publish: Publish, gpu_snapshot: Callable[[], dict],
+                 key: str, endpoint: str, runs_dir: Path, settings: Settings,
                  on_finished: Callable[[Job, str], None] = lambda job, state: None,
-                 threads_per_job: int | None = None,
-                 has_gpus: Callable[[], bool] = lambda: False) -> None:
+                 wake: Callable[[], None] = lambda: None,
+                 threads_per_job: int | None = None) -> None:
         self.queue = queue
         self.publish = publish
-        self.devices = devices
+        self.gpu_snapshot = gpu_snapshot
         self.placer = Placer()
         self.key = key
         self.endpoint = endpoint
         self.runs_dir = runs_dir
         self.settings = settings
         self.on_finished = on_finished
+        self.wake = wake
         self.threads_per_job = threads_per_job
-        self.has_gpus = has_gpus
         self.running: dict[int, RunningJob] = {}
         self.stopping = False
         self._filling = asyncio.Lock()
-        self._placing: set[int] = set()  # claimed, still being placed: no worker yet
+        self._starting: set[int] = set()  # claimed, its worker being spawned: not running yet
+        self._estimates: dict[int, int | None] = {}  # queued train job -> its preflight bytes
+        self._waiting: set[int] = set()  # queued jobs told they wait for room
         self._tasks: set[asyncio.Task] = set()
 
     def owners(self) -> dict[int, int]:
@@ -93,41 +107,68 @@ class WorkerPool:
     # ----- starting jobs -----------------------------------------------------------------------
 
     async def fill(self) -> None:
-        """Start queued jobs while there are free slots and room on a device."""
+        """Start queued jobs, in queue order, while there are free slots: each one that has room
+        on a device now; one that must wait for room lets the jobs behind it start."""
         async with self._filling:
-            while not self.stopping and len(self.running) < self.settings.max_jobs:
-                job = self.queue.claim(self.settings.lease_s)
-                if job is None:
-                    return
-                self._placing.add(job.id)
-                try:
-                    device = await self._place(job)
-                    if device is None:  # no room now: wait for a running job to end
-                        self.queue.requeue(job.id, job.attempt)
-                        return
-                    await self._start(job, device)
-                except MistudioError as error:  # it can never run as asked
-                    self.placer.release(job.id)
-                    self._settle(job, "failed", error=error.to_dict())
-                except Exception as error:  # the machine or a bug: this job fails, not the pool
-                    log.exception("job %d could not be started", job.id)
-                    self.placer.release(job.id)
-                    self._settle(job, "failed", error={
-                        "code": "job_failed", "hint": "the daemon's log has the traceback",
-                        "message": f"could not start the job: {type(error).__name__}: {error}"})
-                finally:
-                    self._placing.discard(job.id)
+            queued = self.queue.queued()
+            for job in queued:
+                if self.stopping or len(self.running) >= self.settings.max_jobs:
+                    break
+                await self._try_start(job)
+            ids = {job.id for job in queued}
+            self._estimates = {i: e for i, e in self._estimates.items() if i in ids}
+            self._waiting &= ids
+
+    async def _try_start(self, job: Job) -> None:
+        """Place a queued job, then claim and start it; a job that can never run fails."""
+        claimed = None
+        try:
+            device = await self._place(job)
+            if device is None:  # no room now: it stays queued until a running job ends
+                if job.id not in self._waiting:
+                    self._waiting.add(job.id)
+                    self._log(job, "waiting for room on a GPU: the jobs running there need "
+                                   "its memory")
+                return
+            # a cancel while it was placed finds it queued and cancels it: nothing to claim
+            claimed = None if self.stopping else self.queue.claim(self.settings.lease_s,
+                                                                   job.id)
+            if claimed is None:
+                self.placer.release(job.id)
+                return
+            await self._start(claimed, device)
+        except MistudioError as error:  # it can never run as asked
+            self.placer.release(job.id)
+            self._fail_to_start(claimed, job, error.to_dict())
+        except Exception as error:  # the machine or a bug: this job fails, not the pool
+            log.exception("job %d could not be started", job.id)
+            self.placer.release(job.id)
+            self._fail_to_start(claimed, job, {
+                "code": "job_failed", "hint": "the daemon's log has the traceback",
+                "message": f"could not start the job: {type(error).__name__}: {error}"})
+
+    def _fail_to_start(self, claimed: Job | None, job: Job, error: dict) -> None:
+        claimed = claimed or self.queue.claim(self.settings.lease_s, job.id)
+        if claimed is not None:  # else it was cancelled meanwhile
+            self._settle(claimed, "failed", error=error)
 
     async def _place(self, job: Job) -> str | None:
         requested = job.params["device"]
-        if requested == "cpu" or (requested == "auto" and not self.has_gpus()):
-            return "cpu"
-        # config reads and the device list (which imports torch) stay off the event loop
-        need = None
-        if job.kind == "train":
-            need = await asyncio.to_thread(estimate_train_bytes, job.params)
-        devices = await asyncio.to_thread(self.devices)
-        return self.placer.place(job.id, requested, need, devices)
+        snapshot = self.gpu_snapshot()
+        if requested == "cpu" or not has_gpus(snapshot):  # the placer says cpu, or no such GPU
+            return self.placer.place(job.id, requested, None, [])
+        # the device list imports torch and the estimate reads a config: off the event loop
+        devices, need = await asyncio.to_thread(self._devices_and_need, job, snapshot)
+        return self.placer.place(job.id, requested, need, devices, job_gpu_memory(snapshot))
+
+    def _devices_and_need(self, job: Job, snapshot: dict) -> tuple[list, int | None]:
+        """The snapshot's GPUs and what the job needs on one (estimated once per job)."""
+        devices = gpu_devices(snapshot)
+        if job.kind != "train":
+            return devices, None
+        if job.id not in self._estimates:
+            self._estimates[job.id] = estimate_train_bytes(job.params, devices)
+        return devices, self._estimates[job.id]
 
     async def _start(self, job: Job, device: str) -> None:
         params = {**job.params, "device": device}
@@ -138,27 +179,33 @@ class WorkerPool:
         spec = {"key": self.key, "endpoint": self.endpoint, "job_id": job.id,
                 "attempt": job.attempt, "kind": job.kind, "params": params,
                 "resume": job.resume, "heartbeat_s": self.settings.heartbeat_s,
-                "threads": self.threads_per_job if device == "cpu" else None}
-        with open(log_path, "ab") as stderr:
-            process = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "mistudiod.worker", stdin=asyncio.subprocess.PIPE,
-                stdout=stderr, stderr=stderr, env=worker_environment(),
-            )
-        running = RunningJob(job, device, process, log_path)
+                "threads": self.threads_per_job if device == "cpu" else None,
+                "parent_pid": os.getpid()}
+        self._starting.add(job.id)
+        try:
+            with open(log_path, "ab") as stderr:
+                process = await asyncio.create_subprocess_exec(
+                    *WORKER_COMMAND, stdin=asyncio.subprocess.PIPE, stdout=stderr,
+                    stderr=stderr, env=worker_environment(),
+                )
+        finally:
+            self._starting.discard(job.id)
+        if self.stopping:  # the daemon began to stop meanwhile: the job resumes at the next start
+            _signal(process, signal.SIGKILL)
+            return
+        running = RunningJob(job, process, log_path)
         self.running[job.id] = running  # watched from now on, whatever happens next
-        self.queue.placed(job.id, job.attempt, device, process.pid)
-        self._spawn(self._watch(running))
+        self.queue.placed(job.id, job.attempt, device, process.pid, self.settings.lease_s)
+        spawn(self._tasks, self._watch(running))
         process.stdin.write(json.dumps(spec).encode())
         await process.stdin.drain()
         process.stdin.close()
         note = "resuming from its last checkpoint" if job.resume else "starting"
         self._log(job, f"attempt {job.attempt} {note} on {device} (worker pid {process.pid})")
         self._publish_state(job.id)
-
-    def _spawn(self, coroutine) -> None:
-        task = asyncio.get_running_loop().create_task(coroutine)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        current = self.queue.get(job.id)
+        if current is not None and current.cancel_requested:  # cancelled while it started
+            self.stop_job(job.id)
 
     # ----- reports -----------------------------------------------------------------------------
 
@@ -182,9 +229,9 @@ class WorkerPool:
             self.queue.progress(job.id, job.attempt, int(payload["step"]), running.total,
                                 payload)
             self.publish(f"job.{job.id}.metrics", {"job_id": job.id, "point": payload})
-        elif kind == "progress":
+        elif kind == "progress":  # an evaluation's tokens, out of its own total
             self.queue.progress(job.id, job.attempt, int(payload.get("tokens", 0)),
-                                running.total)
+                                int(payload.get("total") or running.total))
             self._publish_state(job.id)
         elif kind == "checkpoint":
             self._log(job, f"checkpoint at step {payload.get('step')}")
@@ -214,29 +261,33 @@ class WorkerPool:
         self.running.pop(running.job.id, None)
         self.placer.release(running.job.id)
         self._conclude(running, status)
-        await self.fill()
+        self.wake()  # its slot and its memory are free
 
     def _conclude(self, running: RunningJob, status: int) -> None:
         job = self.queue.get(running.job.id)
         outcome = running.outcome
         if job.cancel_requested:
-            self._settle(job, "cancelled", error={"code": "cancelled", "hint": "",
-                                                  "message": "cancelled while running"})
+            self._settle(job, "cancelled", error=_CANCELLED)
         elif outcome is not None and outcome.get("ok"):
             self._settle(job, "succeeded", result=outcome.get("result"))
         elif outcome is not None and outcome["error"]["code"] != "out_of_memory":
             self._settle(job, "failed", error=outcome["error"])
         else:
             self._retry_or_fail(job, outcome["error"] if outcome
-                                else _crash(status, running.log_path))
+                                else _crash(status, running.log_path, running.killed_reason))
 
     def _retry_or_fail(self, job: Job, error: dict) -> None:
-        """A crash: resume from the checkpoint while retries are left, else fail."""
-        if job.failures < job.max_retries:
-            self.queue.retry(job.id, job.attempt, error)
+        """A crash: resume from the checkpoint while retries are left, else fail (a job whose
+        cancel was asked for is cancelled instead)."""
+        if job.cancel_requested:
+            self._settle(job, "cancelled", error=_CANCELLED)
+        elif job.failures < job.max_retries:
+            if not self.queue.retry(job.id, job.attempt, error):
+                return  # superseded or already ended: nothing was retried
             self._log(job, f"{error['message']}; retrying from the last checkpoint "
                            f"({job.failures + 1} of {job.max_retries} retries)", "warning")
             self._publish_state(job.id)
+            self.wake()
         else:
             self._settle(job, "failed", error=error)
 
@@ -256,13 +307,22 @@ class WorkerPool:
         running = self.running.get(job_id)
         if running is not None:
             _signal(running.process, signal.SIGTERM)
-            self._spawn(self._kill_later(running))
+            spawn(self._tasks, self._kill_later(running))
 
     async def _kill_later(self, running: RunningJob) -> None:
         try:
             await asyncio.wait_for(running.process.wait(), self.settings.kill_grace_s)
         except TimeoutError:
-            _signal(running.process, signal.SIGKILL)
+            self._kill(running, f"it did not stop within {self.settings.kill_grace_s:g} s of "
+                                "SIGTERM")
+
+    def _kill(self, running: RunningJob, reason: str) -> None:
+        """SIGKILL a worker once, saying why in the job's log and later in its error."""
+        if running.killed_reason is not None:  # killed already, not reaped yet
+            return
+        running.killed_reason = reason
+        self._log(running.job, f"{reason}; killing the worker", "warning")
+        _signal(running.process, signal.SIGKILL)
 
     def check_leases(self) -> None:
         """Kill workers whose heartbeats stopped (their jobs then fail or retry as crashes);
@@ -270,9 +330,8 @@ class WorkerPool:
         for job in self.queue.expired():
             running = self.running.get(job.id)
             if running is not None:
-                self._log(job, "the worker stopped sending heartbeats; killing it", "warning")
-                _signal(running.process, signal.SIGKILL)
-            elif job.id not in self._placing and not self.stopping:
+                self._kill(running, "the worker stopped sending heartbeats")
+            elif job.id not in self._starting and not self.stopping:
                 self._retry_or_fail(job, {"code": "worker_crashed", "hint": "",
                                           "message": "the job lost its worker"})
 
@@ -296,17 +355,44 @@ def _signal(process: asyncio.subprocess.Process, signum: int) -> None:
         process.send_signal(signum)
 
 
-def _crash(status: int, log_path: Path) -> dict:
-    """The error of a worker that ended without reporting why."""
+def spawn(tasks: set[asyncio.Task], coroutine: Coroutine) -> asyncio.Task:
+    """Run `coroutine` as a task held in `tasks` until it ends; its failure is logged, not lost
+    with the task."""
+    task = asyncio.get_running_loop().create_task(coroutine)
+    tasks.add(task)
+
+    def done(task: asyncio.Task) -> None:
+        tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("internal task failed", exc_info=task.exception())
+
+    task.add_done_callback(done)
+    return task
+
+
+def _crash(status: int, log_path: Path, killed_reason: str | None = None) -> dict:
+    """The error of a worker that ended without reporting why (`killed_reason`: the daemon
+    killed it, and why)."""
     if status < 0:
-        name = signal.Signals(-status).name
-        cause = " (the kernel's OOM killer sends SIGKILL when memory runs out)" \
-            if -status == signal.SIGKILL else ""
+        name = _signal_name(-status)
+        if killed_reason is not None and -status == signal.SIGKILL:
+            cause = f" (by the daemon: {killed_reason})"
+        elif -status == signal.SIGKILL:
+            cause = " (the kernel's OOM killer sends SIGKILL when memory runs out)"
+        else:
+            cause = ""
         message = f"the worker process was killed by {name}{cause}"
     else:
         message = f"the worker process exited with status {status} without a report"
     return {"code": "worker_crashed", "message": message,
             "hint": f"its output is in {log_path}; `mistudio job logs` has the job's log"}
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:  # a real-time signal has no name
+        return f"signal {number}"
 
 
 def worker_environment() -> dict[str, str]:

@@ -1,4 +1,5 @@
-"""Shared fixtures: a deterministic text corpus, a tiny BPE tokenizer and tiny random models.
+"""Shared fixtures: a deterministic text corpus, a tiny BPE tokenizer, tiny random models, and
+real daemons that are stopped and cleaned up after each test.
 
 Nothing is downloaded: the tokenizer is trained on the corpus, the models are built from small
 configs with random weights and saved with `save_pretrained`, so tests load them through the
@@ -7,13 +8,18 @@ same code path as a real checkpoint (`load_model(ModelSpec(str(directory)))`).
 
 from __future__ import annotations
 
+import contextlib
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from mistudio_core.demo import END_OF_TEXT
+
+if TYPE_CHECKING:
+    from daemon_process import DaemonProcess
 
 TINY_VOCAB = 320
 TINY_HIDDEN = 32
@@ -223,3 +229,31 @@ def make_tiny_model(tmp_path_factory, tiny_tokenizer) -> Callable[..., Path]:
         return directory
 
     return make
+
+
+@pytest.fixture(scope="module")
+def model_dir(make_tiny_model) -> str:
+    """The tiny 3-layer GPT-2 that the CLI, daemon and TUI tests run jobs on."""
+    return str(make_tiny_model("gpt2", n_layers=3))
+
+
+@pytest.fixture
+def start_daemon(tmp_path) -> Iterator[Callable[..., DaemonProcess]]:
+    """`start_daemon(*args, env=None)`: a started `mistudiod` with these extra arguments, on
+    directories under the test's `tmp_path`. Every daemon it started is stopped and its runtime
+    directory removed when the test ends, whether it passed or not."""
+    from daemon_process import DaemonProcess
+
+    with contextlib.ExitStack() as cleanup:
+        started = 0
+
+        def start(*extra: str, env: dict | None = None) -> DaemonProcess:
+            nonlocal started
+            root = tmp_path if started == 0 else tmp_path / f"daemon-{started}"
+            root.mkdir(exist_ok=True)
+            started += 1
+            daemon = DaemonProcess(root, *extra, env=env)
+            cleanup.callback(daemon.close)
+            return daemon.start()
+
+        yield start

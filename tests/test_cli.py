@@ -11,11 +11,6 @@ import pytest
 from mistudiod.cli import main
 
 
-@pytest.fixture(scope="module")
-def model_dir(make_tiny_model):
-    return str(make_tiny_model("gpt2", n_layers=3))
-
-
 def _run(capsys, *argv) -> tuple[int, dict]:
     status = main([*argv, "--json"])
     out = capsys.readouterr().out
@@ -132,3 +127,135 @@ def test_paths_sent_to_the_daemon(tmp_path, monkeypatch):
         assert input_path(name) == name
     assert input_path("data.txt") == str(tmp_path / "data.txt")
     assert output_path("runs/x") == str(tmp_path / "runs" / "x")
+
+
+def test_a_missing_local_path_is_named_before_the_daemon_is_asked(capsys, tmp_path,
+                                                                   monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    argv = ["train", "--model", "demo", "--hook", "layers.1.resid_post", "--out", "x",
+            "--runtime-dir", str(tmp_path / "no-daemon")]
+    status, document = _run(capsys, *argv, "--corpus", "data/missing.jsonl")
+    assert status == 2 and document["error"]["code"] == "bad_corpus"
+    assert document["error"]["message"] == "corpus data/missing.jsonl does not exist"
+    assert document["error"]["field"] == "corpus" and document["error"]["hint"]
+    status, document = _run(capsys, "eval", "./no-sae", "--model", "demo", "--corpus", "demo",
+                            "--runtime-dir", str(tmp_path / "no-daemon"))
+    assert status == 2 and document["error"]["code"] == "bad_sae"
+    # names for the daemon to resolve still reach it (here: find no daemon)
+    status, document = _run(capsys, *argv, "--corpus", "uploaded.jsonl")
+    assert status == 2 and document["error"]["code"] == "no_daemon"
+
+
+@pytest.mark.parametrize(
+    ("extra", "words"),
+    [
+        (["--local", "--detach"], "not allowed with"),
+        (["--retries", "11"], "--retries"),
+        (["--priority", "-101"], "--priority"),
+        (["--hf-token", "hf_x"], "its own Hugging Face token"),
+    ],
+)
+def test_job_options_are_checked_before_anything_runs(capsys, tmp_path, extra, words):
+    status, document = _run(capsys, "train", "--model", "demo", "--corpus", "demo", "--hook",
+                            "layers.1.resid_post", "--out", str(tmp_path / "x"),
+                            "--runtime-dir", str(tmp_path / "no-daemon"), *extra)
+    assert status == 2 and document["error"]["code"] == "bad_usage"
+    assert words in document["error"]["message"]
+
+
+def test_check_memory_through_the_daemon_refuses_hf_token_too(capsys, tmp_path):
+    status, document = _run(capsys, "check-memory", "demo", "--hf-token", "hf_x",
+                            "--runtime-dir", str(tmp_path / "no-daemon"))
+    assert status == 2 and "its own Hugging Face token" in document["error"]["message"]
+
+
+def test_ctrl_c_while_following_leaves_the_job_running(capsys, tmp_path, monkeypatch):
+    """One error that says the job runs on and how to reach it; no advice to --resume."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from mistudiod import remote
+
+    class Client:
+        async def request(self, msg_type, content=None, **_):
+            return {"job": {"id": 7, "state": "queued"}}
+
+        def subscribe(self, *_):
+            pass
+
+        async def next_event(self, timeout=None):
+            await asyncio.sleep(60)
+
+    async def interrupted():
+        args = SimpleNamespace(priority=0, retries=0, detach=False)
+        task = asyncio.create_task(remote.submit_and_wait(Client(), args, "train", {}, None))
+        await asyncio.sleep(0.05)
+        task.cancel()  # what asyncio.run does on Ctrl-C
+        await task
+
+    with pytest.raises(remote.Detached) as caught:
+        asyncio.run(interrupted())
+    assert caught.value.job_id == 7
+
+    def follow_then_ctrl_c(args, *_):
+        raise caught.value
+
+    monkeypatch.setattr(remote, "call", follow_then_ctrl_c)
+    argv = ["train", "--model", "demo", "--corpus", "demo", "--hook", "layers.1.resid_post",
+            "--out", str(tmp_path / "x")]
+    status, document = _run(capsys, *argv)
+    assert status == 1 and document["error"]["code"] == "detached" and document["job_id"] == 7
+    assert "mistudio job cancel 7" in document["error"]["hint"]
+    assert "--resume" not in document["error"]["hint"]
+
+    def ctrl_c_while_submitting(args, *_):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(remote, "call", ctrl_c_while_submitting)
+    status, document = _run(capsys, *argv)
+    assert status == 1 and document["error"]["code"] == "interrupted"
+    assert "--resume" not in document["error"]["hint"]
+
+
+def test_following_an_eval_moves_its_bar_in_tokens():
+    import asyncio
+
+    from mistudiod import remote
+    from mistudiod.client import Event
+
+    def state(step, state):
+        job = {"id": 3, "kind": "eval", "state": state, "step": step, "total_steps": 500}
+        return Event("job.3.state", {"job": job}, step, "d", False)
+
+    class Client:
+        events = [state(0, "running"), state(200, "running"), state(500, "succeeded")]
+
+        def subscribe(self, *_):
+            pass
+
+        async def next_event(self, timeout=None):
+            return self.events.pop(0)
+
+    class Progress:
+        bar, calls = None, []
+
+        def start(self, description, total, unit):
+            self.bar = object()
+            self.calls.append(("start", total, unit))
+
+        def update(self, position, total=None):
+            self.calls.append(("update", position))
+
+    progress = Progress()
+    job = asyncio.run(remote.follow(Client(), 3, progress))
+    assert job["state"] == "succeeded"
+    assert progress.calls == [("start", 500, "tok"), ("update", 0), ("update", 200),
+                              ("update", 500)]
+
+
+def test_a_refused_corpus_leaves_no_empty_output_directory(capsys, model_dir, tmp_path):
+    argv = _train_args(model_dir, tmp_path / "missing.jsonl", tmp_path / "out" / "sae",
+                       "--cache", str(tmp_path / "cache"))
+    status, document = _run(capsys, *argv)
+    assert status == 2 and document["error"]["code"] == "bad_corpus"
+    assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()

@@ -14,7 +14,6 @@ import json
 import os
 import random
 import signal
-import socket
 import sqlite3
 import stat
 import time
@@ -25,32 +24,25 @@ import msgpack
 import pytest
 import zmq
 import zmq.asyncio
-from daemon_process import DaemonProcess
+from daemon_process import DaemonProcess, free_port, train_params
 
 from mistudio_core.errors import MistudioError
 from mistudiod.cli import main as cli
+from mistudiod.gpus import GpuMonitor
 from mistudiod.protocol import MAGIC, Session
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def model_dir(make_tiny_model):
-    return str(make_tiny_model("gpt2", n_layers=3))
-
-
-@pytest.fixture(scope="module")
 def daemon(tmp_path_factory):
-    process = DaemonProcess(tmp_path_factory.mktemp("daemon")).start()
-    yield process
-    assert process.stop() == 0
-
-
-def train_params(model_dir, corpus, out, **changes) -> dict:
-    params = {"model": model_dir, "hook": "layers.1.resid_post", "corpus": str(corpus),
-              "out": str(out), "tokens": 4096, "batch_tokens": 256, "context_size": 32,
-              "expansion": 2, "k": 4, "checkpoint_every": 4}
-    return {**params, **changes}
+    """One daemon shared by the tests of this module that need no daemon of their own."""
+    process = DaemonProcess(tmp_path_factory.mktemp("daemon"))
+    try:
+        yield process.start()
+        assert process.stop() == 0
+    finally:
+        process.close()
 
 
 def submit(daemon, params, kind="train", **options) -> dict:
@@ -63,6 +55,25 @@ def error_of(daemon, msg_type, content) -> MistudioError:
     return caught.value
 
 
+def wait_until(condition, what: str, timeout: float = 60.0) -> None:
+    """Poll `condition` until it holds; fail with `what` if it still does not after `timeout`
+    (a generous bound for a loaded machine, not a measurement)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: still not the case after {timeout} s")
+        time.sleep(0.05)
+
+
+def has_gpu() -> bool:
+    """Whether this machine has a GPU the daemon can see, as the daemon's own monitor says."""
+    monitor = GpuMonitor()
+    try:
+        return monitor.snapshot()["available"]
+    finally:
+        monitor.close()
+
+
 # ----- the basics ------------------------------------------------------------------------------
 
 
@@ -71,10 +82,14 @@ def test_info_status_and_private_files(daemon):
     assert info["versions"]["protocol"] == 1 and "train" in info["capabilities"]["job_kinds"]
     assert "job.submit" in info["capabilities"]["operations"]
     status = daemon.request("daemon.status")
-    assert status["max_jobs"] == 4 and status["gpus"]["available"] is False
+    gpu = has_gpu()
+    assert status["max_jobs"] == 4 and status["gpus"]["available"] is gpu
     assert stat.S_IMODE(daemon.runtime_dir.stat().st_mode) == 0o700
     assert stat.S_IMODE((daemon.runtime_dir / "connection.json").stat().st_mode) == 0o600
-    assert daemon.request("gpu.status")["reason"]  # says why there is no GPU
+    gpus = daemon.request("gpu.status")
+    assert gpus["available"] is gpu
+    if not gpu:
+        assert gpus["reason"]  # says why there is no GPU
 
 
 def _reply_or_none(endpoint: str, *messages: list[bytes]) -> list | None:
@@ -145,8 +160,15 @@ def test_fuzz_of_random_and_mutated_messages(daemon):
              "job.logs", "x" * 300, ""]
     values = [None, 1, -1, 2**63 - 1, 1.5, float("nan"), "", "a" * 5000, [], {}, [1, {"a": 2}],
               {"kind": "train", "params": {"model": 7}}, b"\0\1", True]
+    well_formed: set[str] = set()  # msg_ids of the signed, well-formed messages
+    mutated: set[str] = set()  # msg_ids of the valid messages that had a bit flipped
+    garbage = 0  # signed messages whose header or content cannot be read
+    # what the error reply to one of those can name as its parent: no request (""), or the
+    # msg_id of a header that could be read
+    garbage_parents = {"", "x", "m"}
 
     def messages():
+        nonlocal garbage
         for i in range(1200):
             kind = i % 4
             content = {rng.choice(["id", "kind", "params", "name", "size", "model", "sha256"]):
@@ -154,41 +176,71 @@ def test_fuzz_of_random_and_mutated_messages(daemon):
             if kind == 0:  # random frames
                 yield [rng.randbytes(rng.randrange(40)) for _ in range(rng.randrange(1, 6))]
             elif kind == 1:  # a valid message with one byte flipped
-                frames = session.serialize(rng.choice(types), content)
+                header = session.header(rng.choice(types))
+                mutated.add(header["msg_id"])
+                frames = session.serialize(header["type"], content, header=header)
                 index = rng.randrange(1, len(frames))
                 frame = bytearray(frames[index] or b"\0")
                 frame[rng.randrange(len(frame))] ^= 1 << rng.randrange(8)
                 frames[index] = bytes(frame)
                 yield frames
             elif kind == 2:  # signed, well-formed, wrong fields
-                yield session.serialize(rng.choice(types), content)
+                header = session.header(rng.choice(types))
+                well_formed.add(header["msg_id"])
+                yield session.serialize(header["type"], content, header=header)
             else:  # signed garbage header/content
                 header = rng.choice([rng.randbytes(20), msgpack.packb([1]),
                                      msgpack.packb({"type": 5, "msg_id": "x"}),
                                      msgpack.packb({"type": "daemon.status", "msg_id": "m",
                                                     "version": 2})])
                 body = rng.choice([rng.randbytes(10), msgpack.packb(content)])
+                garbage += 1
                 yield [MAGIC, session.sign(header, body), header, body]
+
+    outgoing = list(messages())
+    # Last, a normal request: quick requests are answered in the order they were read, so once
+    # its reply is here every message before it has been read and dropped or answered (a slow
+    # operation's reply may come later, and is waited for by its msg_id).
+    last = session.header("daemon.status")
+    outgoing.append(session.serialize("daemon.status", {}, header=last))
+    expected = well_formed | {last["msg_id"]}
 
     async def fuzz():
         context = zmq.asyncio.Context()
         dealer = context.socket(zmq.DEALER)
         dealer.connect(f"ipc://{daemon.runtime_dir / 'ctl.sock'}")
-        for frames in messages():
-            await dealer.send_multipart(frames)
-        replies = 0
-        while True:
-            try:
-                frames = await asyncio.wait_for(dealer.recv_multipart(), 2.0)
-            except TimeoutError:
-                break
-            reply = session.deserialize(frames)  # every reply is well formed and signed
-            assert "ok" in reply.content
-            replies += 1
-        context.destroy(linger=0)
+        replies: list = []
+
+        async def send():
+            for frames in outgoing:
+                await dealer.send_multipart(frames)
+
+        async def receive():  # while sending, so that no queue between us and the daemon fills
+            answered: set[str] = set()
+            while not expected <= answered:
+                reply = session.deserialize(await dealer.recv_multipart())  # well formed, signed
+                assert "ok" in reply.content
+                replies.append(reply)
+                answered.add(reply.parent_id)
+
+        try:
+            await asyncio.wait_for(asyncio.gather(send(), receive()), 120)
+        finally:
+            context.destroy(linger=0)
         return replies
 
     replies = asyncio.run(fuzz())
+    parents = [reply.parent_id for reply in replies]
+    # each signed, well-formed message got exactly one reply, and so did the final request
+    assert sorted(p for p in parents if p in well_formed) == sorted(well_formed)
+    assert parents.count(last["msg_id"]) == 1
+    # signed garbage is answered with an error, once per message; nothing else is answered
+    garbled = [reply for reply in replies if reply.parent_id in garbage_parents]
+    assert len(garbled) == garbage and all(not r.content["ok"] for r in garbled)
+    assert not mutated & set(parents)
+    assert len(replies) == len(well_formed) + garbage + 1
+    assert len(well_formed) == len(mutated) == garbage == 300
+    replies = len(replies) - 1  # the fuzz's own, without the final request
     assert 300 <= replies < 1200  # signed messages are answered, unsigned ones are not
     assert daemon.request("daemon.health")["healthy"]
     assert daemon.process.poll() is None
@@ -213,12 +265,19 @@ def _upload(daemon, name: str, data: bytes, sha256: str | None = None) -> dict:
     return asyncio.run(run())
 
 
+def _corpus_names(daemon) -> list[str]:
+    return sorted(c["name"] for c in daemon.request("corpus.list")["corpora"])
+
+
 def test_corpus_upload_is_chunked_checksummed_and_safely_named(daemon):
+    before = _corpus_names(daemon)  # the module's daemon: other tests may add corpora too
+    assert "notes.txt" not in before
     data = b"one document.\n\nanother document.\n"
     corpus = _upload(daemon, "notes.txt", data)["corpus"]
     assert corpus["size"] == len(data) and "pid" in corpus["added_by"]
     assert (daemon.state_dir / "corpora" / "notes.txt").read_bytes() == data
-    assert [c["name"] for c in daemon.request("corpus.list")["corpora"]] == ["notes.txt"]
+    uploaded = _corpus_names(daemon)
+    assert uploaded == sorted([*before, "notes.txt"])  # this upload added exactly notes.txt
     with pytest.raises(MistudioError, match="corrupted"):
         _upload(daemon, "bad.txt", data, sha256="0" * 64)
     assert not (daemon.state_dir / "corpora" / "bad.txt").exists()
@@ -229,6 +288,7 @@ def test_corpus_upload_is_chunked_checksummed_and_safely_named(daemon):
     too_big = error_of(daemon, "corpus.upload.begin",
                        {"name": "huge.txt", "size": 1 << 45, "sha256": "0" * 64})
     assert too_big.code == "too_large"
+    assert _corpus_names(daemon) == uploaded  # the refused and failed uploads added nothing
     audit = daemon.request("audit.list")["entries"]
     assert any(e["action"] == "corpus.upload.end" for e in audit)
     assert all("pid" in e["who"] for e in audit)  # the peer's OS user, from SO_PEERCRED
@@ -269,74 +329,65 @@ def test_a_training_job_then_an_eval_job(daemon, model_dir, tiny_corpus, tmp_pat
     assert result["evaluation"]["n_tokens"] >= 300
 
 
-def test_cancel_a_queued_and_a_running_job(tmp_path, model_dir, tiny_corpus):
-    daemon = DaemonProcess(tmp_path, "--max-jobs", "1").start()
-    try:
-        long = train_params(model_dir, tiny_corpus, tmp_path / "a", tokens=10**8)
-        running = submit(daemon, long)
-        queued = submit(daemon, train_params(model_dir, tiny_corpus, tmp_path / "b"))
-        daemon.wait_for_job(running["id"], ("running",), condition=lambda j: j["step"] > 0)
-        assert daemon.request("job.cancel", {"id": queued["id"]})["job"]["state"] == "cancelled"
-        daemon.request("job.cancel", {"id": running["id"]})
-        cancelled = daemon.wait_for_job(running["id"])
-        assert cancelled["state"] == "cancelled"
-        assert error_of(daemon, "job.cancel", {"id": running["id"]}).code == "bad_request"
-    finally:
-        daemon.stop()
+def test_cancel_a_queued_and_a_running_job(start_daemon, tmp_path, model_dir, tiny_corpus):
+    daemon = start_daemon("--max-jobs", "1")
+    long = train_params(model_dir, tiny_corpus, tmp_path / "a", tokens=10**8)
+    running = submit(daemon, long)
+    queued = submit(daemon, train_params(model_dir, tiny_corpus, tmp_path / "b"))
+    daemon.wait_for_job(running["id"], ("running",), condition=lambda j: j["step"] > 0)
+    assert daemon.request("job.cancel", {"id": queued["id"]})["job"]["state"] == "cancelled"
+    daemon.request("job.cancel", {"id": running["id"]})
+    cancelled = daemon.wait_for_job(running["id"])
+    assert cancelled["state"] == "cancelled"
+    assert error_of(daemon, "job.cancel", {"id": running["id"]}).code == "bad_request"
 
 
-def test_kill_9_of_a_worker_fails_its_job_and_spares_the_others(tmp_path, model_dir,
-                                                                 tiny_corpus):
-    daemon = DaemonProcess(tmp_path).start()
-    try:
-        retried = submit(daemon, train_params(model_dir, tiny_corpus, tmp_path / "r",
-                                              tokens=256 * 400, checkpoint_every=20),
-                         max_retries=1)
-        victim = submit(daemon, train_params(model_dir, tiny_corpus, tmp_path / "v",
-                                             tokens=10**8))
-        other = submit(daemon, train_params(model_dir, tiny_corpus, tmp_path / "o"))
-        for job in (retried, victim):
-            running = daemon.wait_for_job(job["id"], ("running",),
-                                          condition=lambda j: j["step"] >= 25)
-            os.kill(running["worker_pid"], signal.SIGKILL)
-        failed = daemon.wait_for_job(victim["id"])
-        assert failed["state"] == "failed"
-        assert "killed by SIGKILL" in failed["error"]["message"]
-        assert failed["error"]["code"] == "worker_crashed"
-        resumed = daemon.wait_for_job(retried["id"])
-        assert resumed["state"] == "succeeded" and resumed["attempt"] == 2
-        assert resumed["failures"] == 1 and resumed["result"]["steps"] == 400
-        assert daemon.wait_for_job(other["id"])["state"] == "succeeded"
-        assert daemon.process.poll() is None
-    finally:
-        daemon.stop()
+def test_kill_9_of_a_worker_fails_its_job_and_spares_the_others(start_daemon, tmp_path,
+                                                                 model_dir, tiny_corpus):
+    daemon = start_daemon()
+    retried = submit(daemon, train_params(model_dir, tiny_corpus, tmp_path / "r",
+                                          tokens=256 * 400, checkpoint_every=20),
+                     max_retries=1)
+    victim = submit(daemon, train_params(model_dir, tiny_corpus, tmp_path / "v", tokens=10**8))
+    other = submit(daemon, train_params(model_dir, tiny_corpus, tmp_path / "o"))
+    for job in (retried, victim):
+        running = daemon.wait_for_job(job["id"], ("running",),
+                                      condition=lambda j: j["step"] >= 25)
+        os.kill(running["worker_pid"], signal.SIGKILL)
+    failed = daemon.wait_for_job(victim["id"])
+    assert failed["state"] == "failed"
+    assert "killed by SIGKILL" in failed["error"]["message"]
+    assert failed["error"]["code"] == "worker_crashed"
+    resumed = daemon.wait_for_job(retried["id"])
+    assert resumed["state"] == "succeeded" and resumed["attempt"] == 2
+    assert resumed["failures"] == 1 and resumed["result"]["steps"] == 400
+    assert daemon.wait_for_job(other["id"])["state"] == "succeeded"
+    assert daemon.process.poll() is None
 
 
-def test_kill_9_of_the_daemon_resumes_the_job_from_its_checkpoint(tmp_path, model_dir,
-                                                                  tiny_corpus):
-    daemon = DaemonProcess(tmp_path).start()
+def test_kill_9_of_the_daemon_resumes_the_job_from_its_checkpoint(start_daemon, tmp_path,
+                                                                  model_dir, tiny_corpus):
+    daemon = start_daemon()
     params = train_params(model_dir, tiny_corpus, tmp_path / "sae", tokens=256 * 200,
                           checkpoint_every=40)
     job = submit(daemon, params)
     first = daemon.wait_for_job(job["id"], ("running",), condition=lambda j: j["step"] >= 50)
     daemon.kill()
-    time.sleep(0.5)
+    wait_until(lambda: not _running(first["worker_pid"]), "the worker outlived its daemon")
     assert not _running(first["worker_pid"])  # the worker died with the daemon
     daemon.start()
-    try:
-        done = daemon.wait_for_job(job["id"])
-        assert done["state"] == "succeeded", done["error"]
-        assert done["attempt"] == 2 and done["result"]["steps"] == 200
-        logs = [e["message"] for e in daemon.request("job.logs", {"id": job["id"]})["logs"]]
-        assert any("resuming from its last checkpoint" in m for m in logs)
-        assert any(m.startswith("resumed at step") for m in logs)
-        stored = [p["step"] for p in daemon.request("job.metrics", {"id": job["id"]})["points"]]
-        on_disk = [json.loads(line)["step"] for line in
-                   (tmp_path / "sae" / "metrics.jsonl").read_text().splitlines()]
-        assert stored == on_disk and stored[-1] == 200
-        assert stored == sorted(set(stored)) and 25 in stored and 50 in stored
-    finally:
-        daemon.stop()
+    done = daemon.wait_for_job(job["id"])
+    assert done["state"] == "succeeded", done["error"]
+    assert done["attempt"] == 2 and done["result"]["steps"] == 200
+    logs = [e["message"] for e in daemon.request("job.logs", {"id": job["id"]})["logs"]]
+    assert any("resuming from its last checkpoint" in m for m in logs)
+    assert any(m.startswith("resumed at step") for m in logs)
+    stored = [p["step"] for p in daemon.request("job.metrics", {"id": job["id"]})["points"]]
+    on_disk = [json.loads(line)["step"] for line in
+               (tmp_path / "sae" / "metrics.jsonl").read_text().splitlines()]
+    assert stored == on_disk and stored[-1] == 200
+    assert stored == sorted(set(stored)) and 25 in stored and 50 in stored
+    daemon.stop()
     check = sqlite3.connect(daemon.state_dir / "mistudio.db")
     assert check.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     check.close()
@@ -354,9 +405,9 @@ def _running(pid: int) -> bool:
 # ----- systemd, TCP, Prometheus, the model host, the CLI ---------------------------------------
 
 
-def test_sd_notify_ready_watchdog_status_and_stopping(tmp_path):
-    daemon = DaemonProcess(tmp_path, env={"WATCHDOG_USEC": "200000"}).start()
-    time.sleep(1.5)
+def test_sd_notify_ready_watchdog_status_and_stopping(start_daemon):
+    daemon = start_daemon(env={"WATCHDOG_USEC": "200000"})  # a WATCHDOG=1 every 0.1 s or so
+    wait_until(lambda: daemon.notifications.count("WATCHDOG=1") >= 5, "five WATCHDOG=1")
     assert daemon.stop() == 0
     notes = daemon.notifications
     assert notes[0] == "READY=1" and notes[-1] == "STOPPING=1"
@@ -364,34 +415,37 @@ def test_sd_notify_ready_watchdog_status_and_stopping(tmp_path):
     assert any(n.startswith("STATUS=0 running, 0 queued") for n in notes)
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+def test_tcp_is_curve_encrypted_and_prometheus_serves_metrics(start_daemon, model_dir,
+                                                              tiny_corpus, tmp_path):
+    port, metrics_port = free_port(), free_port()
+    daemon = start_daemon("--tcp", f"tcp://127.0.0.1:{port}", "--metrics-port", str(metrics_port))
 
+    async def over_tcp():
+        async with daemon.client(tcp=True) as client:
+            return await client.request("daemon.status")
 
-def test_tcp_is_curve_encrypted_and_prometheus_serves_metrics(tmp_path):
-    port, metrics_port = _free_port(), _free_port()
-    daemon = DaemonProcess(tmp_path, "--tcp", f"tcp://127.0.0.1:{port}",
-                           "--metrics-port", str(metrics_port)).start()
-    try:
-        async def over_tcp():
-            async with daemon.client(tcp=True) as client:
-                return await client.request("daemon.status")
+    assert asyncio.run(over_tcp())["ok"]
 
-        assert asyncio.run(over_tcp())["ok"]
+    info = json.loads((daemon.runtime_dir / "connection.json").read_text())
+    signed = Session(info["key"].encode()).serialize("daemon.status", {})
+    # without CurveZMQ the handshake fails: even a correctly signed request gets nothing
+    assert _reply_or_none(f"tcp://127.0.0.1:{port}", signed) is None
 
-        info = json.loads((daemon.runtime_dir / "connection.json").read_text())
-        signed = Session(info["key"].encode()).serialize("daemon.status", {})
-        # without CurveZMQ the handshake fails: even a correctly signed request gets nothing
-        assert _reply_or_none(f"tcp://127.0.0.1:{port}", signed) is None
-        time.sleep(1.2)  # one tick of the metrics
-        text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics").read()
-        for name in (b"mistudio_training_jobs_active", b"mistudio_queue_depth",
-                     b"mistudio_model_loading_duration_seconds"):
-            assert name in text
-    finally:
-        daemon.stop()
+    def exposition() -> str:
+        url = f"http://127.0.0.1:{metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return response.read().decode()
+
+    text = exposition().encode()
+    for name in (b"mistudio_training_jobs_active", b"mistudio_queue_depth",
+                 b"mistudio_model_loading_duration_seconds"):
+        assert name in text
+    # the daemon feeds them: a finished job is counted (the counter follows the job's state)
+    job = submit(daemon, train_params(model_dir, tiny_corpus, tmp_path / "sae"))
+    assert daemon.wait_for_job(job["id"])["state"] == "succeeded"
+    succeeded = 'mistudio_job_outcomes_total{kind="train",state="succeeded"} 1.0'
+    wait_until(lambda: succeeded in exposition(), "the succeeded job is not counted")
+    assert succeeded in exposition()
 
 
 def test_the_model_host_loads_lists_and_unloads(daemon, model_dir):
@@ -438,8 +492,8 @@ def test_the_cli_goes_through_the_daemon(capsys, daemon, model_dir, tiny_corpus,
     assert status == 0 and document["recommended_quantization"] == "none"
 
 
-def test_a_client_reconnects_and_resyncs_after_a_daemon_restart(tmp_path):
-    daemon = DaemonProcess(tmp_path).start()
+def test_a_client_reconnects_and_resyncs_after_a_daemon_restart(start_daemon):
+    daemon = start_daemon()
 
     async def across_a_restart():
         async with daemon.client(timeout=2.0) as client:
@@ -455,10 +509,8 @@ def test_a_client_reconnects_and_resyncs_after_a_daemon_restart(tmp_path):
                 event = await client.next_event(timeout=5)
             return first, second, before, after, event
 
-    try:
-        first, second, before, after, event = asyncio.run(across_a_restart())
-    finally:
-        daemon.stop()
+    first, second, before, after, event = asyncio.run(across_a_restart())
+    daemon.stop()
     assert first.resync and not second.resync and second.seq == first.seq + 1
     assert before["pid"] != after["pid"]  # the same client object reached the new daemon
     assert event.resync and event.daemon != first.daemon

@@ -11,7 +11,14 @@ import subprocess
 import sys
 from types import ModuleType, SimpleNamespace
 
-from mistudiod.gpus import GpuMonitor, format_gpus
+from mistudiod.gpus import (
+    GpuMonitor,
+    devices_of,
+    format_gpus,
+    gpu_devices,
+    has_gpus,
+    job_gpu_memory,
+)
 
 GIB = 2**30
 
@@ -115,6 +122,21 @@ def test_devices_lists_readable_gpus() -> None:
     [device] = GpuMonitor(fake_nvml()).devices()
     assert (device.name, device.label) == ("cuda:0", "NVIDIA H100 80GB HBM3")
     assert (device.free_bytes, device.total_bytes) == (60 * GIB, 80 * GIB)
+
+
+def test_devices_and_job_memory_come_from_a_snapshot_without_a_new_reading() -> None:
+    nvml = fake_nvml()
+    snapshot = GpuMonitor(nvml).snapshot(owners={111: 7, 222: 7, 444: 8})
+    nvml.nvmlDeviceGetMemoryInfo = None  # a new reading would fail now
+    assert has_gpus(snapshot)
+    [device] = devices_of(snapshot)
+    assert device == gpu_devices(snapshot)[0]
+    assert (device.name, device.free_bytes, device.total_bytes) == ("cuda:0", 60 * GIB, 80 * GIB)
+    assert job_gpu_memory(snapshot) == {7: 3 * GIB}  # its two processes; job 8 shows no memory
+    empty = {"available": False, "reason": "no NVIDIA GPU found", "gpus": []}
+    assert not has_gpus(empty) and gpu_devices(empty) == [] and job_gpu_memory(empty) == {}
+    [cpu] = devices_of(empty)
+    assert cpu.name == "cpu" and cpu.total_bytes > 0
 
 
 def test_no_gpu_means_cpu() -> None:

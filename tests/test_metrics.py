@@ -6,6 +6,7 @@ import socket
 import urllib.request
 
 import pytest
+from daemon_process import free_port
 from prometheus_client.parser import text_string_to_metric_families
 
 from mistudio_core.errors import MistudioError
@@ -87,12 +88,6 @@ def test_registries_are_separate() -> None:
     first, second = DaemonMetrics(), DaemonMetrics()
     first.job_finished("train", "cancelled")
     assert not any(name == "mistudio_job_outcomes_total" for name, _ in samples(second))
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def test_http_endpoint() -> None:

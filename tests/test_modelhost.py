@@ -108,6 +108,21 @@ def test_auto_and_the_choice_it_stands_for_are_one_copy(models):
     assert auto["key"] == plain["key"] and len(cache.held()) == 1
 
 
+def test_a_load_reads_the_config_once_and_resolves_auto_once(models, monkeypatch):
+    from mistudio_core import memory
+    from mistudio_core import models as core_models
+
+    reads, counts = [], []
+    read, count = core_models.load_config, memory.count_parameters
+    monkeypatch.setattr(core_models, "load_config", lambda spec: reads.append(spec) or read(spec))
+    monkeypatch.setattr(memory, "count_parameters",
+                        lambda config: counts.append(config) or count(config))
+    info = ModelCache("cpu", BIG).load(ModelSpec(models[0], quantization="auto"))
+    assert info["quantization"] == "none"
+    assert len(reads) == 1  # not again for the key, the estimate or the load
+    assert len(counts) == 2  # auto's size rule, then the estimate of the weights
+
+
 @pytest.mark.parametrize("estimate", ["from the config", "too low"])
 def test_a_model_bigger_than_the_budget_is_refused(models, sizes, estimate, monkeypatch):
     if estimate == "too low":  # only the measured size can tell: refused after loading

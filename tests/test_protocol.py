@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import stat
 
 import msgpack
@@ -91,11 +92,43 @@ def test_signed_but_malformed_messages_are_refused_with_a_reason(session, header
         session.deserialize(_signed(session, header, content))
 
 
+@pytest.mark.parametrize(
+    ("header", "content", "code"),
+    [
+        ({"type": "t", "msg_id": "a", "version": 99}, msgpack.packb({"ok": False}),
+         "bad_version"),
+        ({"type": "t", "msg_id": "a", "version": 1}, b"\xc1", "bad_message"),
+    ],
+)
+def test_a_signed_refusal_names_the_message_it_refuses(session, header, content, code):
+    """So that the refusal can be answered, and the answer matched to the waiting request."""
+    frames = [b"peer", *_signed(session, msgpack.packb({**header, "parent_id": "p"}), content)]
+    with pytest.raises(ProtocolError) as caught:
+        session.deserialize(frames)
+    refused = caught.value.request
+    assert caught.value.code == code
+    assert refused.msg_id == "a" and refused.parent_id == "p" and refused.idents == [b"peer"]
+    answer = session.deserialize(session.reply(refused, {"ok": False}))
+    assert answer.parent_id == "a" and answer.idents == [b"peer"]
+    if code == "bad_version":
+        assert refused.content == {"ok": False}  # a refused reply's own error, for the client
+
+
+def test_a_session_speaks_its_own_version():
+    newer = Session(b"k" * 32, version=PROTOCOL_VERSION + 1)
+    with pytest.raises(ProtocolError) as caught:
+        Session(b"k" * 32).deserialize(newer.serialize("daemon.status", {}))
+    assert caught.value.code == "bad_version"
+    assert newer.deserialize(newer.serialize("daemon.status", {})).header["version"] == (
+        PROTOCOL_VERSION + 1)
+
+
 def test_oversized_messages_are_refused():
     small = Session(b"k" * 32, max_bytes=1000)
     with pytest.raises(ProtocolError) as caught:
         small.deserialize(small.serialize("corpus.upload.chunk", {}, buffers=[b"x" * 2000]))
     assert caught.value.code == "too_large"
+    assert caught.value.request.type == "corpus.upload.chunk"  # answerable
 
 
 def test_arrays_travel_as_raw_buffers():
@@ -130,6 +163,7 @@ def test_the_connection_file_is_private(tmp_path):
     info.write(tmp_path / "connection.json")
     assert stat.S_IMODE((tmp_path / "connection.json").stat().st_mode) == 0o600
     assert ConnectionInfo.read(tmp_path / "connection.json") == info
+    assert info.host == socket.gethostname()  # whose pid it is
     info.write(tmp_path / "group.json", group_readable=True)
     assert stat.S_IMODE((tmp_path / "group.json").stat().st_mode) == 0o640
     with pytest.raises(MistudioError) as caught:

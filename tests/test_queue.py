@@ -97,3 +97,28 @@ def test_logs_audit_and_integrity(queue):
                                                                 "7")
     assert queue.integrity_check() == "ok"
     assert queue.counts()["queued"] == 1
+
+
+def test_a_job_placed_first_is_claimed_by_id_only_while_queued(queue):
+    low = queue.submit("train", {}, "u")
+    high = queue.submit("train", {}, "u", priority=5)
+    later = queue.submit("eval", {}, "u")
+    assert [job.id for job in queue.queued()] == [high.id, low.id, later.id]  # claim order
+    untouched = queue.get(later.id)
+    assert (untouched.attempt, untouched.started_at) == (0, None)  # looked at, not claimed
+    claimed = queue.claim(60, job_id=later.id)
+    assert (claimed.id, claimed.state, claimed.attempt) == (later.id, "running", 1)
+    assert queue.claim(60, job_id=later.id) is None  # running now
+    queue.request_cancel(low.id)  # cancelled while it was being placed
+    assert queue.claim(60, job_id=low.id) is None
+    assert [job.id for job in queue.queued()] == [high.id]
+
+
+def test_placing_a_worker_renews_the_lease(queue):
+    queue.submit("train", {}, "u")
+    job = queue.claim(lease_seconds=-1)  # the claim's lease ran out while it was placed
+    assert [j.id for j in queue.expired()] == [job.id]
+    assert queue.placed(job.id, job.attempt, "cuda:0", 4242, lease_seconds=60)
+    placed = queue.get(job.id)
+    assert (placed.device, placed.worker_pid) == ("cuda:0", 4242)
+    assert queue.expired() == []

@@ -3,7 +3,8 @@
 
 The app runs without a link (`connect=False`) and its state is filled with the same events a
 daemon would send, so what is drawn is exactly what the live app would draw. Clocks are frozen:
-a running job's elapsed time counts from the local clock, and log times are printed in UTC.
+a running job's elapsed time counts from the local clock, log times are printed in UTC, and an
+input's cursor does not blink.
 Update the SVGs after an intended change with `pytest tests/test_tui_snapshots.py
 --snapshot-update`, and look at them (`snapshot_report.html`) before committing.
 """
@@ -15,6 +16,7 @@ import time
 from types import SimpleNamespace
 
 import pytest
+from textual.widgets import Input
 
 from tui.app import MistudioApp
 from tui.screens.confirm import ConfirmScreen
@@ -116,6 +118,8 @@ def snapshot(snap_compare, press=(), *, gpus=True, connected=True, then=None,
             then(app)
         await pilot.pause()
         await app.workers.wait_for_complete()
+        for field in app.screen.query(Input):  # a blinking cursor is drawn or not by the clock
+            field.cursor_blink = False
         await pilot.pause(0.3)  # signals' callbacks and the redraws they schedule
 
     return snap_compare(app, press=press, terminal_size=size, run_before=before)

@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import pytest
-from daemon_process import DaemonProcess
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")]
@@ -32,8 +31,8 @@ def wait_for_screen(session: str, *texts: str, timeout: float = 30.0) -> str:
         time.sleep(0.2)
 
 
-def test_the_dashboard_in_tmux_at_80x24(tmp_path):
-    daemon = DaemonProcess(tmp_path).start()
+def test_the_dashboard_in_tmux_at_80x24(start_daemon):
+    daemon = start_daemon()  # stopped and cleaned up by the fixture, even if this test fails
     session = f"mistudio-test-{time.monotonic_ns()}"
     script = Path(sys.executable).with_name("mistudio-tui")
     command = (shlex.quote(str(script)) if script.exists()
@@ -48,7 +47,9 @@ def test_the_dashboard_in_tmux_at_80x24(tmp_path):
 
         tmux("send-keys", "-t", session, "n")
         wait_for_screen(session, "new training job", "memory preflight", "architecture")
-        wait_for_screen(session, "fits on")  # the demo model's preflight, from the daemon
+        # the demo model's preflight, from the daemon: its config only (DaemonProcess makes a
+        # demo build fail at once, so this passes without the demo model in ~/.cache)
+        wait_for_screen(session, "fits on")
         tmux("send-keys", "-t", session, "Escape")
         wait_for_screen(session, "Cancel job")
 
@@ -65,4 +66,3 @@ def test_the_dashboard_in_tmux_at_80x24(tmp_path):
             time.sleep(0.2)
     finally:
         subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
-        daemon.stop()

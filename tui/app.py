@@ -8,14 +8,16 @@ once and runs on a laptop against a daemon reached through a forwarded socket or
 from __future__ import annotations
 
 import argparse
+from collections.abc import Iterable
+from functools import partial
 from pathlib import Path
 
 from textual import work
-from textual.app import App
+from textual.app import App, SystemCommand
 from textual.binding import Binding
+from textual.screen import Screen
 
 from mistudio_core.errors import MistudioError
-from tui.commands import MistudioCommands
 from tui.link import DaemonLink
 from tui.screens.confirm import ConfirmScreen
 from tui.screens.dashboard import DashboardScreen
@@ -30,9 +32,8 @@ THEMES = ("textual-dark", "textual-light")
 class MistudioApp(App):
     TITLE = "miStudio"
     CSS_PATH = ["app.tcss", "widgets/status_line.tcss", "widgets/gpu_panel.tcss"]
-    HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (130, "-wide")]
-    VERTICAL_BREAKPOINTS = [(0, "-short"), (40, "-tall")]
-    COMMANDS = App.COMMANDS | {MistudioCommands}
+    HORIZONTAL_BREAKPOINTS = [(130, "-wide")]
+    VERTICAL_BREAKPOINTS = [(40, "-tall")]
     BINDINGS = [
         Binding("f1,question_mark", "help", "Help"),
         Binding("d", "dashboard", "Dashboard"),
@@ -57,14 +58,34 @@ class MistudioApp(App):
     async def on_unmount(self) -> None:
         await self.link.close()
 
-    # ----- navigation (later screens join here and in tui.commands) -----------------------------
+    # ----- navigation (later screens join here and in `get_system_commands`) -------------------
+
+    def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
+        """The command palette (ctrl+p): Textual's own commands (theme, quit, keys,
+        screenshot), every screen, and each job by id."""
+        yield from super().get_system_commands(screen)
+        yield SystemCommand("Dashboard", "GPUs, jobs and loss curves", self.action_dashboard)
+        yield SystemCommand("New training job", "the form, with the memory preflight",
+                            self.action_new_job)
+        yield SystemCommand("Help", "what each screen does, and its keys", self.action_help)
+        for job in self.state.jobs_newest_first():
+            label = f"{job['kind']} job {job['id']} ({job['state']})"
+            yield SystemCommand(f"Open {label}", "its curves, log and result",
+                                partial(self.open_job, job["id"]))
+            if job["state"] in ("queued", "running"):
+                yield SystemCommand(f"Cancel {label}", "asks first",
+                                    partial(self.cancel_job, job["id"]))
 
     def open_job(self, job_id: int, *, replace: bool = False) -> None:
-        screen = JobScreen(job_id)
-        if replace:
-            self.switch_screen(screen)
+        """Show a job's screen: nothing to do if it is the one shown, and one job's screen
+        replaces another's rather than piling up over it."""
+        if isinstance(self.screen, JobScreen):
+            if self.screen.job_id != job_id:
+                self.switch_screen(JobScreen(job_id))
+        elif replace:
+            self.switch_screen(JobScreen(job_id))
         else:
-            self.push_screen(screen)
+            self.push_screen(JobScreen(job_id))
 
     def action_dashboard(self) -> None:
         while not isinstance(self.screen, DashboardScreen) and len(self.screen_stack) > 2:
@@ -119,5 +140,6 @@ def main(argv: list[str] | None = None) -> int:
                              "file names them; copy it from the server)")
     parser.add_argument("--theme", choices=THEMES, default=THEMES[0])
     args = parser.parse_args(argv)
-    MistudioApp(args.runtime_dir, tcp=args.tcp, theme=args.theme).run()
-    return 0
+    app = MistudioApp(args.runtime_dir, tcp=args.tcp, theme=args.theme)
+    app.run()
+    return app.return_code or 0

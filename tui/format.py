@@ -1,4 +1,6 @@
-"""How numbers read on screen: sizes, durations, rates and the "N/A" of a value nobody knows."""
+"""How things read on the TUI's screens, beyond the shared units of `mistudio_core.units`
+(sizes, counts, durations, "N/A"): a job's running time and ETA, names cut to their last part,
+meters and plain numbers."""
 
 from __future__ import annotations
 
@@ -6,40 +8,7 @@ import time
 
 from rich.text import Text
 
-NA = "N/A"
-
-
-def size(n_bytes: float | None) -> str:
-    if n_bytes is None:
-        return NA
-    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n_bytes >= scale:
-            return f"{n_bytes / scale:.1f} {unit}"
-    return f"{int(n_bytes)} B"
-
-
-def duration(seconds: float | None) -> str:
-    """`42s`, `7m05s`, `3h12m`, `2d04h`: at most two units, as a table column needs."""
-    if seconds is None or seconds < 0:
-        return "-"
-    seconds = int(seconds)
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    if seconds < 86400:
-        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-    return f"{seconds // 86400}d{seconds % 86400 // 3600:02d}h"
-
-
-def count(n: float | None) -> str:
-    """`950`, `12.3K`, `300K`, `4.1M`, `2B`."""
-    if n is None:
-        return NA
-    for scale, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
-        if abs(n) >= scale:
-            return f"{n / scale:.3g}{suffix}"
-    return f"{n:g}"
+from mistudio_core.units import NA
 
 
 def number(value: float | None, template: str = "{:.4g}") -> str:
@@ -64,10 +33,14 @@ def eta(job: dict) -> float | None:
     return spent * (1 - progress) / progress
 
 
+def last_part(path: str | None) -> str:
+    """The last part of a path or hub id (`runs/pythia-l6/` reads `pythia-l6`); `-` for none."""
+    return (path or "").rstrip("/").rsplit("/", 1)[-1] or "-"
+
+
 def model_name(job: dict) -> str:
     """The model as a person calls it: the last part of a path or hub id."""
-    model = (job.get("params") or {}).get("model", "")
-    return model.rstrip("/").rsplit("/", 1)[-1] or "-"
+    return last_part((job.get("params") or {}).get("model"))
 
 
 def meter(fraction: float | None, width: int) -> Text:
@@ -78,17 +51,3 @@ def meter(fraction: float | None, width: int) -> Text:
     filled = round(fraction * width)
     style = "red" if fraction > 0.85 else "yellow" if fraction > 0.6 else "green"
     return Text.assemble(("█" * filled, style), ("░" * (width - filled), "dim"))
-
-
-def parse_count(text: str) -> int | None:
-    """A count as people type it: `4096`, `1_000_000`, `2.5e6`, `10k`, `1M`, `2B`; None if it is
-    not one."""
-    text = text.strip().replace("_", "").replace(",", "")
-    multiplier = {"k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9}.get(text[-1:].lower(), 1)
-    if multiplier != 1:
-        text = text[:-1]
-    try:
-        value = float(text) * multiplier
-    except ValueError:
-        return None
-    return int(value) if value == int(value) else None

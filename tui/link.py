@@ -7,13 +7,17 @@ The daemon publishes `daemon.status` every second; a silence of `QUIET_AFTER_S` 
 and the link says "disconnected, retrying" and reconnects with back-off (rereading the connection
 file: a restarted daemon has a new key). The client marks an event `resync` after a gap in a
 topic's sequence numbers or from a daemon session it has not seen (the first event of every
-connection), and a resync re-reads the daemon's status, GPUs, job list and the history of the
-jobs whose curves are on screen, so nothing shown is stale or has holes.
+connection), and the link resyncs on that event and on the first event after every
+(re)connect: it re-reads the daemon's status, GPUs, job list and the history of the jobs whose
+curves are on screen (the running ones, the watched ones, and the latest finished ones that the
+dashboard falls back to), so nothing shown is stale or has holes. Logs are kept only for the
+jobs a screen watches.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,12 +25,15 @@ import zmq
 
 from mistudio_core.errors import MistudioError
 from mistudiod.client import Client, Event
-from tui.state import DaemonState
+from mistudiod.protocol import FINISHED_STATES
+from tui.state import CURVES, DaemonState
 
 QUIET_AFTER_S = 3.5
 REQUEST_TIMEOUT_S = 10.0
 MAX_RETRY_DELAY_S = 4.0
 JOB_LIST_LIMIT = 500
+METRICS_PAGE = 10_000  # points per `job.metrics` request (the daemon's default limit)
+LOGS_PAGE = 1000  # entries per `job.logs` request (the daemon's default limit)
 
 
 class DaemonLink:
@@ -36,36 +43,49 @@ class DaemonLink:
         self.runtime_dir = runtime_dir
         self.tcp = tcp
         self.client: Client | None = None
-        self.watched: set[int] = set()  # jobs whose whole history a screen shows
+        # jobs whose whole history (log included) a screen shows, with how many screens do
+        self.watched: Counter[int] = Counter()
         self.resyncs = 0
 
     # ----- requests for screens ----------------------------------------------------------------
 
+    @property
+    def connected(self) -> bool:
+        return self.client is not None and self.state.connection.connected
+
+    def _require_connected(self) -> Client:
+        if not self.connected:
+            raise MistudioError("not connected to the daemon", code="no_daemon",
+                                hint="the TUI reconnects by itself once mistudiod is running")
+        return self.client
+
     async def request(self, msg_type: str, content: dict | None = None, *,
                       buffers: list = (), timeout: float = REQUEST_TIMEOUT_S) -> dict:
         """A request to the daemon; MistudioError when it refuses or cannot be reached."""
-        if self.client is None or not self.state.connection.connected:
-            raise MistudioError("not connected to the daemon", code="no_daemon",
-                                hint="the TUI reconnects by itself once mistudiod is running")
-        return await self.client.request(msg_type, content, buffers=buffers, timeout=timeout)
+        return await self._require_connected().request(msg_type, content, buffers=buffers,
+                                                       timeout=timeout)
 
     async def watch_job(self, job_id: int) -> None:
         """Keep a job's whole history: fetch what came before (a chart opened late still starts
-        at step 0) and keep it through resyncs."""
-        self.watched.add(job_id)
-        if self.client is not None and self.state.connection.connected:
+        at step 0, a log opened late at its first line) and keep it through resyncs. Offline,
+        the job is only marked: the resync on reconnecting fetches its history."""
+        self.watched[job_id] += 1
+        if self.connected:
             if job_id not in self.state.jobs:  # older than the job list we keep
                 self.state.apply_job((await self.request("job.show", {"id": job_id}))["job"])
-            await self._fetch_history(job_id, logs=True)
+            await self._fetch_history(job_id, logs=True, whole_log=self.watched[job_id] == 1)
+
+    def unwatch_job(self, job_id: int) -> None:
+        """A screen no longer shows the job; once none does, its log is no longer kept."""
+        self.watched[job_id] -= 1
+        if self.watched[job_id] <= 0:
+            del self.watched[job_id]
+            self.state.logs.pop(job_id, None)
 
     async def upload_corpus(self, path: str,
                             on_progress: Callable[[int, int], None] | None = None) -> dict:
         """Upload a local file as a corpus (see `Client.upload_corpus`)."""
-        await self.request("daemon.health")  # fails plainly when disconnected
-        return await self.client.upload_corpus(path, on_progress=on_progress)
-
-    def unwatch_job(self, job_id: int) -> None:
-        self.watched.discard(job_id)
+        return await self._require_connected().upload_corpus(path, on_progress=on_progress)
 
     # ----- the connection loop -----------------------------------------------------------------
 
@@ -79,7 +99,7 @@ class DaemonLink:
                     self.client.subscribe("daemon.status", "gpu.", "job.")
                 else:
                     self.client.reconnect()
-                await self._follow(self.client)
+                await self._follow()
                 reason = "the daemon stopped answering"
             except MistudioError as error:
                 reason = error.message
@@ -95,51 +115,74 @@ class DaemonLink:
             await self.client.close()
             self.client = None
 
-    async def _follow(self, client: Client) -> None:
-        """Apply events until the daemon goes quiet; resync whenever the stream says so."""
-        while (event := await client.next_event(timeout=QUIET_AFTER_S)) is not None:
-            if event.resync:
-                await self._resync(client)
-            self._apply(event)
+    async def _follow(self) -> None:
+        """Apply events until the daemon goes quiet. Resync whenever the stream says so, and on
+        the first event after every (re)connect: events may have been missed meanwhile even
+        when the sequence numbers run on."""
+        while (event := await self.client.next_event(timeout=QUIET_AFTER_S)) is not None:
+            if event.resync or not self.state.connection.connected:
+                await self._resync()
+            await self._apply(event)
 
-    async def _resync(self, client: Client) -> None:
-        state = self.state
+    async def _resync(self) -> None:
+        state, client = self.state, self.client
         status = await client.request("daemon.status")
         state.apply_status(status)
         state.apply_gpu_snapshot(await client.request("gpu.status"))
         state.replace_jobs((await client.request("job.list", {"limit": JOB_LIST_LIMIT}))["jobs"])
-        for job in state.running_jobs():
-            await self._fetch_history(job["id"], logs=job["id"] in self.watched)
-        for job_id in self.watched - {job["id"] for job in state.running_jobs()}:
+        running = [job["id"] for job in state.running_jobs()]
+        for job_id in running:
+            await self._fetch_history(job_id, logs=job_id in self.watched)
+        for job_id in set(self.watched) - set(running):
             await self._fetch_history(job_id, logs=True)
+        # The dashboard's curves when nothing runs: the latest finished jobs (one short request
+        # each once their points are here).
+        finished = [job["id"] for job in state.jobs_newest_first()
+                    if job["state"] in FINISHED_STATES][:CURVES]
+        for job_id in set(finished) - set(running) - set(self.watched):
+            await self._fetch_history(job_id, logs=False)
         self.resyncs += 1
         state.set_connection(True, f"connected to mistudiod {status.get('version', '')} "
                                    f"(pid {status.get('pid')})")
 
-    async def _fetch_history(self, job_id: int, *, logs: bool) -> None:
+    async def _fetch_history(self, job_id: int, *, logs: bool, whole_log: bool = False) -> None:
+        """The job's points after those we have, and with `logs` its log entries after the last
+        we have (all of them with `whole_log`), a page at a time."""
         state, client = self.state, self.client
         try:
-            points = await client.request("job.metrics", {
-                "id": job_id, "since_step": state.series(job_id).last_step})
-            state.apply_metrics(job_id, points["points"])
-            if logs:
-                entries = await client.request("job.logs", {
-                    "id": job_id, "since": state.last_log_id(job_id)})
-                state.apply_logs(job_id, entries["logs"])
+            since = state.series(job_id).last_step
+            while True:
+                points = (await client.request("job.metrics", {
+                    "id": job_id, "since_step": since, "limit": METRICS_PAGE}))["points"]
+                state.apply_metrics(job_id, points, live=False)
+                if len(points) < METRICS_PAGE:
+                    break
+                since = int(points[-1]["step"])
+            since = 0 if whole_log else state.last_log_id(job_id)
+            while logs:
+                entries = (await client.request("job.logs", {
+                    "id": job_id, "since": since, "limit": LOGS_PAGE}))["logs"]
+                state.apply_logs(job_id, entries)
+                if len(entries) < LOGS_PAGE:
+                    break
+                since = entries[-1]["id"]
         except MistudioError as error:
             if error.code != "not_found":  # a job the daemon no longer has: nothing to show
                 raise
 
-    def _apply(self, event: Event) -> None:
+    async def _apply(self, event: Event) -> None:
         topic, content, state = event.topic, event.content, self.state
         if topic == "daemon.status":
             state.apply_status(content)
         elif topic.startswith("gpu."):
             state.apply_gpu(content)
         elif topic.endswith(".state"):
-            state.apply_job(content["job"])
+            job = content["job"]
+            if state.apply_job(job):  # a new attempt rewrites the series: read it afresh
+                await self._fetch_history(job["id"], logs=job["id"] in self.watched)
         elif topic.endswith(".metrics"):
             state.apply_metrics(content["job_id"], [content["point"]])
         elif topic.endswith(".log"):
             job_id = content["job_id"]
-            state.apply_logs(job_id, [{k: v for k, v in content.items() if k != "job_id"}])
+            if job_id in self.watched:  # other jobs' logs are not kept (see `watch_job`)
+                state.apply_logs(job_id, [{k: v for k, v in content.items() if k != "job_id"}])

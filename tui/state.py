@@ -18,6 +18,7 @@ from textual.dom import DOMNode
 from textual.signal import Signal
 
 HISTORY = 120  # readings kept for sparklines: two minutes at the daemon's 1 Hz
+CURVES = 4  # the dashboard draws the loss of at most this many jobs
 
 
 @dataclass
@@ -91,7 +92,8 @@ class DaemonState:
         self.logs: dict[int, list[dict]] = {}
         self.connection_changed: Signal[Connection] = Signal(owner, "connection_changed")
         self.status_changed: Signal[dict] = Signal(owner, "status_changed")
-        self.gpus_changed: Signal[None] = Signal(owner, "gpus_changed")
+        # the uuid of the one GPU that has a new reading, or None when the list itself changed
+        self.gpus_changed: Signal[str | None] = Signal(owner, "gpus_changed")
         self.job_changed: Signal[dict] = Signal(owner, "job_changed")
         self.jobs_replaced: Signal[None] = Signal(owner, "jobs_replaced")
         self.metrics_added: Signal[int] = Signal(owner, "metrics_added")
@@ -129,45 +131,77 @@ class DaemonState:
 
     def apply_gpu(self, reading: dict) -> None:
         """One `gpu.<uuid>` event."""
-        history = self.gpus.setdefault(reading.get("uuid"), GpuHistory(reading))
+        uuid = reading.get("uuid")
+        known = uuid in self.gpus
+        history = self.gpus.setdefault(uuid, GpuHistory(reading))
         history.add(reading)
-        self.gpus_changed.publish(None)
+        self.gpus_changed.publish(uuid if known else None)
 
     # ----- jobs --------------------------------------------------------------------------------
 
     def replace_jobs(self, jobs: list[dict]) -> None:
         """A resync's job list: jobs we no longer hear about are dropped, histories are kept."""
+        for job in jobs:
+            if _new_attempt(self.jobs.get(job["id"]), job):
+                self.metrics.pop(job["id"], None)  # refetched whole (see `apply_job`)
         self.jobs = {job["id"]: _received(job) for job in jobs}
         self.jobs_replaced.publish(None)
 
-    def apply_job(self, job: dict) -> None:
+    def apply_job(self, job: dict) -> bool:
+        """A job's new state. True when it is a new attempt (a retry or a resume): the cached
+        points are dropped then, and the caller refetches the whole series from the daemon,
+        whose table the new attempt rewrites from its checkpoint on."""
+        new_attempt = _new_attempt(self.jobs.get(job["id"]), job)
+        if new_attempt:
+            self.metrics.pop(job["id"], None)
         self.jobs[job["id"]] = _received(job)
         self.job_changed.publish(job)
+        return new_attempt
 
-    def apply_metrics(self, job_id: int, points: list[dict]) -> None:
-        """New points; they also move the job's progress (the daemon sends no state event for
-        a metric, to keep the stream small)."""
+    def apply_metrics(self, job_id: int, points: list[dict], *, live: bool = True) -> None:
+        """New points. Streamed (`live`) ones also move the job's progress (the daemon sends no
+        state event for a metric, to keep the stream small), by the newest of these points, not
+        by the series' last step: after a resume the series still holds the earlier attempt's
+        later steps until the new attempt reports them again. Fetched history leaves progress
+        to the job as the daemon last described it, for the same reason."""
         if not points:
             return
         series = self.metrics.setdefault(job_id, MetricSeries())
         for point in points:
             series.add(point)
-        job = self.jobs.get(job_id)
-        if job is not None and job["state"] == "running" and series.last_step > (job["step"] or 0):
-            job["step"] = series.last_step
-            job["last_metrics"] = series.points[-1]
-            if job.get("total_steps"):
-                job["progress"] = series.last_step / job["total_steps"]
+        if live:
+            self._advance(job_id, points)
         self.metrics_added.publish(job_id)
 
+    def _advance(self, job_id: int, points: list[dict]) -> None:
+        newest = max(points, key=lambda point: int(point["step"]))
+        step = int(newest["step"])
+        job = self.jobs.get(job_id)
+        if job is not None and job["state"] == "running" and step > (job["step"] or 0):
+            job["step"] = step
+            job["last_metrics"] = newest
+            if job.get("total_steps"):
+                job["progress"] = step / job["total_steps"]
+
     def apply_logs(self, job_id: int, entries: list[dict]) -> None:
-        """Log entries, deduplicated by their id (a resync may fetch some we streamed)."""
+        """Log entries, merged by their id: one already here is skipped (a resync may fetch
+        some we streamed), an earlier one (the start of a log fetched after its tail streamed
+        in) slots in before the later ones."""
         lines = self.logs.setdefault(job_id, [])
         last = lines[-1]["id"] if lines else 0
-        fresh = [entry for entry in entries if entry["id"] > last]
-        if fresh:
-            lines.extend(fresh)
-            self.log_added.publish(job_id)
+        ids = [entry["id"] for entry in entries]
+        if all(a < b for a, b in zip([last, *ids], ids, strict=False)):  # the usual: new lines
+            if not entries:
+                return
+            lines.extend(entries)
+        else:
+            known = {entry["id"] for entry in lines}
+            fresh = {entry["id"]: entry for entry in entries if entry["id"] not in known}
+            if not fresh:
+                return
+            lines.extend(fresh.values())
+            lines.sort(key=lambda entry: entry["id"])
+        self.log_added.publish(job_id)
 
     def last_log_id(self, job_id: int) -> int:
         lines = self.logs.get(job_id)
@@ -182,13 +216,9 @@ class DaemonState:
     def jobs_newest_first(self) -> list[dict]:
         return sorted(self.jobs.values(), key=lambda job: job["id"], reverse=True)
 
-    def gpu_of_job(self, job_id: int) -> dict | None:
-        """The GPU a job's worker has memory on, from the GPUs' process lists."""
-        for history in self.gpus.values():
-            for process in history.reading.get("processes") or []:
-                if process.get("job_id") == job_id:
-                    return history.reading
-        return None
+
+def _new_attempt(old: dict | None, new: dict) -> bool:
+    return old is not None and (new.get("attempt") or 0) > (old.get("attempt") or 0)
 
 
 def _received(job: dict) -> dict:

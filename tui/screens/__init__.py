@@ -1,2 +1,3 @@
-"""The TUI's screens. The app's `SCREENS` table names each one; later screens (features, monitor,
-steer) join that table and the command palette with their own bindings."""
+"""The TUI's screens. The app opens each one from its actions (`MistudioApp.action_*`,
+`open_job`), which the command palette lists too; later screens (features, monitor, steer) join
+them there with their own bindings."""

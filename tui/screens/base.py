@@ -1,5 +1,11 @@
 """What every screen of the TUI shares: the header, the daemon's status line and the footer of
-keys, around the screen's own body."""
+keys, around the screen's own body; and the rule that a screen out of sight does no drawing.
+
+A screen under another one (a job's screen over the dashboard) still receives the state's
+signals. Its handlers return at once while it is not current (`is_current`), and `redraw`
+catches up when it is shown again (`ScreenResume`). A modal over a screen leaves it current:
+it shows through.
+"""
 
 from __future__ import annotations
 
@@ -38,3 +44,9 @@ class DaemonScreen(Screen):
 
     def body(self) -> Iterable[Widget]:
         raise NotImplementedError
+
+    def on_screen_resume(self) -> None:
+        self.redraw()
+
+    def redraw(self) -> None:
+        """Draw everything from the state, after a time out of sight."""

@@ -4,25 +4,29 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from textual import on
 from textual.binding import Binding
 from textual.containers import Container
 from textual.widget import Widget
+from textual.widgets import DataTable
 
 from tui.screens.base import DaemonScreen
+from tui.state import CURVES  # the loss of at most this many jobs: running ones, else the latest
 from tui.widgets.gpu_panel import GpuPanel
 from tui.widgets.jobs_table import JobsTable
 from tui.widgets.metric_chart import MetricChart
-
-CURVES = 4  # the loss of at most this many jobs: running ones first, then the latest
 
 
 class DashboardScreen(DaemonScreen):
     CSS_PATH = "dashboard.tcss"
     BINDINGS = [
         Binding("n", "app.new_job", "New job"),
-        Binding("enter", "open_selected", "Open job", show=False),
         Binding("c", "cancel_selected", "Cancel job"),
     ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._fallback = False  # no job runs: the chart shows the latest jobs that have points
 
     def body(self) -> Iterable[Widget]:
         yield GpuPanel(self.state, id="gpus")
@@ -32,28 +36,41 @@ class DashboardScreen(DaemonScreen):
 
     def on_mount(self) -> None:
         self.query_one(JobsTable).border_title = "Jobs"
-        for signal in (self.state.jobs_replaced, self.state.job_changed,
-                       self.state.metrics_added):
-            signal.subscribe(self, self._choose_curves)
+        self.state.jobs_replaced.subscribe(self, self._on_jobs)
+        self.state.job_changed.subscribe(self, self._on_jobs)
+        self.state.metrics_added.subscribe(self, self._on_points)
         self._choose_curves()
 
-    def _choose_curves(self, _: object = None) -> None:
+    def redraw(self) -> None:
+        self._choose_curves()
+        self.query_one(JobsTable).catch_up()
+        self.query_one(GpuPanel).catch_up()
+        self.query_one(MetricChart).catch_up()
+
+    def _on_jobs(self, _: object) -> None:
+        if self.is_current:
+            self._choose_curves()
+
+    def _on_points(self, job_id: int) -> None:
+        """Points choose curves only when nothing runs and a job not drawn has its first
+        ones (a finished job's history, fetched on a resync); a running job is drawn already."""
+        if (self._fallback and self.is_current
+                and job_id not in self.query_one(MetricChart).job_ids):
+            self._choose_curves()
+
+    def _choose_curves(self) -> None:
         """Running jobs' curves; when none runs, the most recent runs that have points."""
         jobs = self.state.jobs_newest_first()
         chosen = [job["id"] for job in jobs if job["state"] == "running"][:CURVES]
-        if not chosen:
+        self._fallback = not chosen
+        if self._fallback:
             chosen = [job["id"] for job in jobs if len(self.state.series(job["id"]))][:CURVES]
-        chart = self.query_one("#loss-curves", MetricChart)
-        chart.show_jobs(sorted(chosen))
-        chart.caption = "loss of running jobs" if self.state.running_jobs() else "loss"
+        self.query_one(MetricChart).show_jobs(
+            sorted(chosen), caption="loss" if self._fallback else "loss of running jobs")
 
-    def on_jobs_table_opened(self, event: JobsTable.Opened) -> None:
-        self.app.open_job(event.job_id)
-
-    def action_open_selected(self) -> None:
-        job_id = self.query_one(JobsTable).selected_job
-        if job_id is not None:
-            self.app.open_job(job_id)
+    @on(DataTable.RowSelected, "#jobs")
+    def _open_job(self, event: DataTable.RowSelected) -> None:
+        self.app.open_job(int(event.row_key.value))
 
     def action_cancel_selected(self) -> None:
         job_id = self.query_one(JobsTable).selected_job

@@ -40,11 +40,14 @@ class HelpScreen(ModalScreen[None]):
 
 
 def keys_table(screen: Screen) -> str:
-    """The keys active on `screen` (its own and the app's), as a Markdown table."""
+    """The keys active on `screen` (its own, its widgets' from this package, like the jobs
+    table's enter, and the app's), as a Markdown table."""
     rows = []
     seen = set()
-    for node in (screen, screen.app):
-        for binding in node.BINDINGS:
+    widgets = [widget for widget in screen.query("*")
+               if type(widget).__module__.startswith("tui.")]
+    for node in (screen, *widgets, screen.app):
+        for binding in type(node).__dict__.get("BINDINGS", []):
             binding = binding if isinstance(binding, Binding) else Binding(*binding)
             if binding.description and binding.action not in seen:
                 seen.add(binding.action)

@@ -13,6 +13,7 @@ from textual.containers import Grid
 from textual.widget import Widget
 from textual.widgets import Log, Static
 
+from mistudio_core import units
 from mistudio_core.errors import MistudioError
 from mistudiod.protocol import FINISHED_STATES
 from tui import format
@@ -20,6 +21,7 @@ from tui.screens.base import DaemonScreen
 from tui.widgets.jobs_table import STATE_STYLES, short_hook
 from tui.widgets.metric_chart import MetricChart
 
+LOG_LINES = 2000  # kept in the log widget
 CHARTS = (("loss", "loss", True), ("l0", "L0", False), ("fve", "FVE", False),
           ("dead_pct", "dead %", False))
 
@@ -36,6 +38,7 @@ class JobScreen(DaemonScreen):
         super().__init__()
         self.job_id = job_id
         self._logged = 0  # log entries already written to the log widget
+        self._last_logged: int | None = None  # the id of the last of them
 
     def body(self) -> Iterable[Widget]:
         yield Static(id="job-summary")
@@ -43,7 +46,7 @@ class JobScreen(DaemonScreen):
         with Grid(id="charts"):
             for metric, title, log_y in CHARTS:
                 yield MetricChart(self.state, metric, title, log_y=log_y, id=f"chart-{metric}")
-        yield Log(id="job-log", max_lines=2000)
+        yield Log(id="job-log", max_lines=LOG_LINES)
 
     def on_mount(self) -> None:
         self.sub_title = f"job {self.job_id}"
@@ -51,10 +54,10 @@ class JobScreen(DaemonScreen):
             chart.show_jobs([self.job_id])
         self.state.job_changed.subscribe(self, self._on_job)
         self.state.jobs_replaced.subscribe(self, self._on_job)
-        self.state.metrics_added.subscribe(self, self._on_job)
+        self.state.metrics_added.subscribe(self, self._on_points)  # the step in the summary
         self.state.log_added.subscribe(self, self._on_log)
-        self.set_interval(1.0, self._draw_summary)
-        self._redraw()
+        self.set_interval(1.0, self._tick)
+        self._draw()
         self._fetch_history()
 
     def on_unmount(self) -> None:
@@ -71,15 +74,34 @@ class JobScreen(DaemonScreen):
     def job(self) -> dict | None:
         return self.state.jobs.get(self.job_id)
 
-    def _on_job(self, changed: object = None) -> None:
-        if changed is None or changed == self.job_id or (
-                isinstance(changed, dict) and changed["id"] == self.job_id):
-            self._redraw()
+    def redraw(self) -> None:
+        self._draw()
+        for chart in self.query(MetricChart):
+            chart.catch_up()
 
-    def _redraw(self) -> None:
+    def _on_job(self, changed: dict | None) -> None:
+        """A job's new state (or a new job list): the summary and the result."""
+        if self.is_current and (changed is None or changed["id"] == self.job_id):
+            self._draw_summary()
+            self._draw_result()
+
+    def _on_points(self, job_id: int) -> None:
+        """New points move the step and progress in the summary."""
+        if job_id == self.job_id and self.is_current:
+            self._draw_summary()
+
+    def _on_log(self, job_id: int) -> None:
+        if job_id == self.job_id and self.is_current:
+            self._draw_log()
+
+    def _tick(self) -> None:
+        if self.is_current:
+            self._draw_summary()  # the elapsed time and ETA count on
+
+    def _draw(self) -> None:
         self._draw_summary()
         self._draw_result()
-        self._on_log(self.job_id)
+        self._draw_log()
 
     def _draw_summary(self) -> None:
         job = self.job
@@ -97,14 +119,20 @@ class JobScreen(DaemonScreen):
             result.update(result_text(job))
             result.set_class(job["state"] != "succeeded", "-failed")
 
-    def _on_log(self, job_id: int) -> None:
-        if job_id != self.job_id:
-            return
+    def _draw_log(self) -> None:
+        """Write the entries not written yet; rewrite the log when the history changed other
+        than at its end (its beginning, fetched after the tail had streamed in)."""
         entries = self.state.logs.get(self.job_id, [])
-        lines = [log_line(entry) for entry in entries[self._logged:]]
-        if lines:
-            self.query_one("#job-log", Log).write_lines(lines)
-            self._logged = len(entries)
+        log = self.query_one("#job-log", Log)
+        appended = self._logged <= len(entries) and (
+            self._logged == 0 or entries[self._logged - 1]["id"] == self._last_logged)
+        if not appended:
+            log.clear()
+            self._logged = 0
+        if len(entries) > self._logged:
+            log.write_lines([log_line(entry) for entry in entries[self._logged:][-LOG_LINES:]])
+        self._logged = len(entries)
+        self._last_logged = entries[-1]["id"] if entries else None
 
     def action_cancel(self) -> None:
         self.app.cancel_job(self.job_id)
@@ -121,8 +149,8 @@ def summary_text(job: dict) -> Text:
     steps = (f" · step {job.get('step') or 0}/{job['total_steps']} {job.get('progress') or 0:.0%}"
              if job.get("total_steps") else "")
     eta = format.eta(job)
-    timing = f" · elapsed {format.duration(format.elapsed(job))}" + (
-        f" · ETA {format.duration(eta)}" if eta is not None else "")
+    timing = f" · elapsed {units.duration(format.elapsed(job))}" + (
+        f" · ETA {units.duration(eta)}" if eta is not None else "")
     attempt = f" (attempt {job['attempt']})" if (job.get("attempt") or 0) > 1 else ""
     first = Text.assemble((f"job {job['id']}", "bold"), f" · {job['kind']} · ",
                           (job["state"], STATE_STYLES.get(job["state"], "")),
@@ -133,8 +161,8 @@ def summary_text(job: dict) -> Text:
         width = (f"d_sae {params['d_sae']}" if params.get("d_sae")
                  else f"x{params.get('expansion')}")
         setup += [f"{params.get('arch')}{k} {width}",
-                  f"{format.count(params.get('tokens'))} tokens"]
-    setup.append(f"corpus {_short(params.get('corpus'))}")
+                  f"{units.count(params.get('tokens'))} tokens"]
+    setup.append(f"corpus {format.last_part(params.get('corpus'))}")
     return first + Text("\n" + " · ".join(str(part) for part in setup if part), style="dim")
 
 
@@ -166,14 +194,10 @@ def eval_line(evaluation: dict) -> str:
     if evaluation.get("ce_loss_recovered") is not None:
         parts.append(f"CE rec {evaluation['ce_loss_recovered']:.3f}")
         parts.append(f"KL {format.number(evaluation.get('kl_divergence'), '{:.3g}')}")
-    return f"eval {format.count(evaluation.get('n_tokens'))} tok: " + " · ".join(parts)
+    return f"eval {units.count(evaluation.get('n_tokens'))} tok: " + " · ".join(parts)
 
 
 def log_line(entry: dict) -> str:
     at = time.strftime("%H:%M:%S", time.localtime(entry.get("at") or 0))
     level = entry.get("level", "info")
     return f"{at} {'' if level == 'info' else level.upper() + ' '}{entry.get('message', '')}"
-
-
-def _short(path: str | None) -> str:
-    return (path or "-").rstrip("/").rsplit("/", 1)[-1]

@@ -8,51 +8,81 @@ how many layers, the hook's layer in range) and the whole job as the daemon woul
 preflight (`model.check_memory` with the form's layer, width and quantization). The daemon's
 checks run in exclusive workers, so a new keystroke cancels the previous check instead of
 queueing behind it, and the form never waits on the network.
+
+The fields' ranges, defaults and choices come from the daemon's own schema,
+`mistudiod.jobs.PARAMS["train"]` (torch-free), and the hook is read by the core's
+`HookPoint.parse`: one definition of a training job shared by the daemon, the CLI and this form,
+so the form can never accept what the daemon refuses or refuse what it accepts.
 """
 
 from __future__ import annotations
 
 import asyncio
-import re
 from collections.abc import Iterable
 
 from textual import on, work
 from textual.binding import Binding
 from textual.containers import Horizontal, VerticalScroll
-from textual.validation import Function, Integer, Length, Regex
+from textual.validation import Function, Integer, Length, Regex, Validator
 from textual.widget import Widget
 from textual.widgets import Button, Input, Label, Select, Static
 
+from mistudio_core import units
 from mistudio_core.errors import MistudioError
-from tui import format
+from mistudio_core.hooks import SITES, HookPoint
+from mistudiod.jobs import PARAMS
 from tui.screens.base import DaemonScreen
 
 DEBOUNCE_S = 0.4
-HOOK_PATTERN = r"layers\.(\d+)\.(resid_pre|resid_post|attn_out|mlp_out)"
-ARCHITECTURES = ("topk", "batchtopk", "jumprelu", "relu")
-QUANTIZATIONS = ("auto", "none", "8bit", "4bit")
 DEMO_CORPUS = "demo"
+FIELDS = PARAMS["train"].fields  # the daemon's schema of a training job
+
+
+def integer(name: str) -> Integer:
+    """An integer within the schema's range for the field."""
+    field = FIELDS[name]
+    return Integer(int(field.min), int(field.max))
+
+
+def is_hook(text: str) -> bool:
+    try:
+        HookPoint.parse(text)
+    except MistudioError:
+        return False
+    return len(text.strip()) <= FIELDS["hook"].max_length
+
+
+def is_token_count(text: str) -> bool:
+    """A whole count in the schema's range, as people type it (`2M`); never raises (`inf`,
+    `nan` and `1e400` are simply not counts)."""
+    count, field = units.parse_count(text), FIELDS["tokens"]
+    return count is not None and field.min <= count <= field.max
+
+
 # The form's inputs: field name -> (label, placeholder, initial value, validators).
-INPUTS = {
+INPUTS: dict[str, tuple[str, str, str, list[Validator]]] = {
     "model": ("model", "demo, a hub id, or a directory on the daemon's machine", "demo",
-              [Length(1, 512, "the model is required")]),
+              [Length(1, FIELDS["model"].max_length, "the model is required (at most "
+                      f"{FIELDS['model'].max_length} characters)")]),
     "hook": ("hook", "layers.L.resid_post", "layers.2.resid_post",
-             [Regex(HOOK_PATTERN, failure_description="write it as layers.L.SITE, SITE one of "
-                    "resid_pre, resid_post, attn_out, mlp_out")]),
-    "k": ("k (active)", "32", "32", [Integer(1, 4096)]),
-    "expansion": ("expansion", "16 (d_sae = expansion x d_model)", "16", [Integer(1, 1024)]),
-    "tokens": ("tokens", "2M, 500k, 1e8", "2M", [Function(lambda text: (format.parse_count(
-        text) or 0) >= 1, "a positive count, like 2M or 500k")]),
-    "context_size": ("context size", "tokens per sequence", "128", [Integer(2, 1 << 17)]),
-    "batch_tokens": ("batch tokens", "tokens per training step", "4096", [Integer(1, 1 << 20)]),
+             [Function(is_hook, "write it as layers.L.SITE, SITE one of " + ", ".join(SITES))]),
+    "k": ("k (active)", "32", str(FIELDS["k"].default), [integer("k")]),
+    "expansion": ("expansion", "16 (d_sae = expansion x d_model)",
+                  str(FIELDS["expansion"].default), [integer("expansion")]),
+    "tokens": ("tokens", "2M, 500k, 1e8", units.count(FIELDS["tokens"].default),
+               [Function(is_token_count, "a positive count up to "
+                         f"{FIELDS['tokens'].max:.0e}, like 2M or 500k")]),
+    "context_size": ("context size", "tokens per sequence", str(FIELDS["context_size"].default),
+                     [integer("context_size")]),
+    "batch_tokens": ("batch tokens", "tokens per training step",
+                     str(FIELDS["batch_tokens"].default), [integer("batch_tokens")]),
     "out": ("output", "a name under the daemon's runs/ (optional)", "",
             [Regex(r"|[\w.-]+(/[\w.-]+)*|/.+", failure_description="a plain relative name "
-                   "or an absolute path")]),
+                   "or an absolute path"), Length(maximum=FIELDS["out"].max_length)]),
 }
-SELECTS = {
-    "arch": ("architecture", ARCHITECTURES, "topk"),
-    "quantization": ("quantization", QUANTIZATIONS, "auto"),
-}
+# The form's choices: field name -> (label, choices, initial value).
+SELECTS = {name: (label, FIELDS[name].choices, FIELDS[name].default)
+           for name, label in (("arch", "architecture"), ("quantization", "quantization"))}
 
 
 class NewJobScreen(DaemonScreen):
@@ -66,7 +96,11 @@ class NewJobScreen(DaemonScreen):
     def __init__(self) -> None:
         super().__init__()
         self.model_info: dict | None = None  # model.validate's answer for the current model
+        self.model_error: MistudioError | None = None  # or its refusal of it
+        self.model_checked: str | None = None  # the model that answer is about
         self.daemon_error: MistudioError | None = None
+        self.uploading = False
+        self._devices: list[tuple[str, str]] = []  # the device choices offered
 
     # ----- layout ------------------------------------------------------------------------------
 
@@ -83,6 +117,7 @@ class NewJobScreen(DaemonScreen):
                 yield Label("upload", classes="label")
                 yield Input(placeholder="a local .txt/.jsonl/.parquet file, then ctrl+o",
                             compact=True, id="upload-path")
+            yield Static(id="upload-note", classes="note")
             yield from self._select_row("arch")
             yield from self._input_row("k")
             yield from self._input_row("expansion")
@@ -92,7 +127,8 @@ class NewJobScreen(DaemonScreen):
             yield from self._select_row("quantization")
             with Horizontal(classes="row"):
                 yield Label("device", classes="label")
-                yield Select(self._device_options(), value="auto", allow_blank=False,
+                self._devices = self._device_options()
+                yield Select(self._devices, value=FIELDS["device"].default, allow_blank=False,
                              compact=True, id="device")
             yield from self._input_row("out")
         yield Static(id="preflight")
@@ -123,11 +159,28 @@ class NewJobScreen(DaemonScreen):
                             f"cuda:{gpu['index']}"))
         return options
 
+    def _gpus_changed(self, uuid: str | None) -> None:
+        """Offer the GPUs there are now, keeping the choice while it is still one of them (a
+        reading of a GPU already offered changes nothing)."""
+        if uuid is not None or not self.is_current:
+            return
+        options = self._device_options()
+        if options != self._devices:
+            self._devices = options
+            select = self.query_one("#device", Select)
+            chosen = select.value
+            select.set_options(options)
+            select.value = chosen if chosen in {value for _, value in options} else "auto"
+
     def on_mount(self) -> None:
         self.sub_title = "new training job"
         self.query_one("#model", Input).focus()
         self.state.connection_changed.subscribe(self, lambda _: self._check_all())
+        self.state.gpus_changed.subscribe(self, self._gpus_changed)
         self._check_all()
+
+    def redraw(self) -> None:
+        self._gpus_changed(None)
 
     def _check_all(self) -> None:
         self._load_corpora()
@@ -148,9 +201,8 @@ class NewJobScreen(DaemonScreen):
         for name in ("k", "expansion", "context_size", "batch_tokens"):
             if self.valid(name):
                 params[name] = int(self.value(name))
-        tokens = format.parse_count(self.value("tokens"))
-        if tokens:
-            params["tokens"] = tokens
+        if self.valid("tokens"):
+            params["tokens"] = units.parse_count(self.value("tokens"))
         if self.value("out"):
             params["out"] = self.value("out")
         return params
@@ -162,12 +214,17 @@ class NewJobScreen(DaemonScreen):
         return result is None or result.is_valid
 
     def layer(self) -> int | None:
-        match = re.fullmatch(HOOK_PATTERN, self.value("hook"))
-        return int(match.group(1)) if match else None
+        try:
+            return HookPoint.parse(self.value("hook")).layer
+        except MistudioError:
+            return None
 
     def invalid_fields(self) -> list[str]:
-        """Fields that fail their own validators, or that the daemon's last check named."""
+        """Fields that fail their own validators, the model if the daemon cannot load it, or
+        the field the daemon's last check named."""
         bad = [name for name in INPUTS if not self.valid(name)]
+        if self.model_error is not None and "model" not in bad:
+            bad.append("model")
         if self.daemon_error is not None:
             bad.append(self.daemon_error.field or "form")
         return bad
@@ -180,7 +237,11 @@ class NewJobScreen(DaemonScreen):
         if event.control.id == "upload-path":
             return
         if event.control.id == "model":
-            self.model_info = None
+            self.model_info = self.model_error = None
+            self.workers.cancel_group(self, "memory")  # a verdict on the previous model
+            preflight = self.query_one("#preflight", Static)
+            preflight.update("memory preflight: waiting for a valid model")
+            preflight.remove_class("-error")
             self._check_model()
         else:
             self._check_job()
@@ -190,18 +251,21 @@ class NewJobScreen(DaemonScreen):
     @work(group="model", exclusive=True)
     async def _check_model(self) -> None:
         await asyncio.sleep(DEBOUNCE_S)
-        note = self.query_one("#model-info", Static)
+        note, model = self.query_one("#model-info", Static), self.value("model")
         try:
-            info = await self.link.request("model.validate", {"model": self.value("model")})
+            info = await self.link.request("model.validate", {"model": model})
         except MistudioError as error:
             self.model_info = None
+            # offline the model is not known to be wrong: the daemon checks it once back
+            self.model_error = error if error.code != "no_daemon" else None
+            self.model_checked = model
             note.update(f"[b]{error.message}[/b]" + (f" ({error.hint})" if error.hint else ""))
             note.set_class(True, "-error")
             return
-        self.model_info = info
+        self.model_info, self.model_error, self.model_checked = info, None, model
         note.set_class(False, "-error")
         note.update(f"{info['model_type']} · {info['n_layers']} layers · d_model "
-                    f"{info['hidden_size']} · {format.count(info['parameters'])} parameters"
+                    f"{info['hidden_size']} · {units.count(info['parameters'])} parameters"
                     + ("" if info.get("causal_lm") else " · not a causal LM: no CE eval"))
         self._check_job()
         self._check_memory()
@@ -271,7 +335,7 @@ class NewJobScreen(DaemonScreen):
         widget = self.query_one("#corpus", Select)
         current = select or widget.value
         options = [(f"{DEMO_CORPUS} (built in)", DEMO_CORPUS)] + [
-            (f"{c['name']} ({format.size(c.get('size'))})", c["name"]) for c in corpora]
+            (f"{c['name']} ({units.size(c.get('size'))})", c["name"]) for c in corpora]
         widget.set_options(options)
         if current in {value for _, value in options}:
             widget.value = current
@@ -287,6 +351,9 @@ class NewJobScreen(DaemonScreen):
         self.app.pop_screen()
 
     def action_submit(self) -> None:
+        if self.model_checked != self.value("model") and self.link.connected:
+            self.notify("the model is still being checked", severity="warning")
+            return
         bad = self.invalid_fields()
         if bad:
             self.notify(f"fix {', '.join(bad)} first", title="the job is not valid",
@@ -312,26 +379,36 @@ class NewJobScreen(DaemonScreen):
         self.app.open_job(job["id"], replace=True)
 
     def action_upload(self) -> None:
+        if self.uploading:  # a second press would cancel the first upload
+            self.notify("an upload is already running", severity="warning")
+            return
         path = self.value("upload-path")
         if not path:
             self.query_one("#upload-path", Input).focus()
             self.notify("type the path of a local file to upload", severity="warning")
             return
+        self.uploading = True
         self._upload(path)
 
-    @work(group="upload", exclusive=True)
+    @work(group="upload")
     async def _upload(self, path: str) -> None:
-        note = self.query_one("#form-error", Static)
+        note = self.query_one("#upload-note", Static)
+        note.display = True
+        note.remove_class("-error")
+        note.update(f"hashing {path}...")
 
         def progress(sent: int, size: int) -> None:
-            note.update(f"uploading {path}: {format.size(sent)} of {format.size(size)}")
+            note.update(f"uploading {path}: {units.size(sent)} of {units.size(size)}")
 
         try:
             reply = await self.link.upload_corpus(path, on_progress=progress)
         except MistudioError as error:
             note.update(f"upload failed: {error.message}")
+            note.add_class("-error")
             self.notify(error.message, title="upload failed", severity="error")
             return
+        finally:
+            self.uploading = False
         name = reply["corpus"]["name"]
         note.update(f"uploaded {name}")
         self._load_corpora(select=name)
@@ -346,10 +423,10 @@ def preflight_verdict(report: dict, quantization: str) -> tuple[str, bool]:
     said = {"none": "no quantization", "8bit": "8-bit", "4bit": "4-bit"}
     estimate = next((e for e in report["estimates"] if e["quantization"] == chosen), None)
     if estimate is None:
-        return (f"does not fit on {where} ({format.size(device['free_bytes'])} free) in any "
+        return (f"does not fit on {where} ({units.size(device['free_bytes'])} free) in any "
                 "quantization: pick an earlier layer or a smaller width"), False
-    needs = (f"needs {format.size(estimate['total_bytes'])} of "
-             f"{format.size(device['free_bytes'])} free")
+    needs = (f"needs {units.size(estimate['total_bytes'])} of "
+             f"{units.size(device['free_bytes'])} free")
     if estimate["fits"]:
         return (f"fits on {where} with {said[chosen]}: {needs}, batch up to "
                 f"{estimate['recommended_batch_tokens']} tokens"), True

@@ -13,8 +13,10 @@ from textual.containers import Horizontal, Vertical
 from textual.widget import Widget
 from textual.widgets import Static
 
+from mistudio_core import units
 from tui import format
 from tui.state import DaemonState, GpuHistory
+from tui.widgets import in_sight
 from tui.widgets.percent_history import PercentHistory
 
 BAR_WIDTH = 12
@@ -23,27 +25,21 @@ BAR_WIDTH = 12
 class DeviceCard(Horizontal):
     """One device: two lines of figures on the left, util and memory histories on the right."""
 
-    def __init__(self, key: str) -> None:
+    def __init__(self, key: str, lines: Text, history: GpuHistory) -> None:
         super().__init__(classes="device-card")
         self.key = key
-        self.latest: tuple[Text, GpuHistory] | None = None
-        self.composed = False
+        self.lines, self.history = lines, history
 
     def compose(self) -> ComposeResult:
-        yield Static(classes="device-figures")
+        yield Static(self.lines, classes="device-figures")
         with Vertical(classes="device-history"):
-            yield PercentHistory(classes="util-history")
-            yield PercentHistory(classes="memory-history")
-
-    def on_mount(self) -> None:
-        self.composed = True
-        if self.latest is not None:
-            self.show(*self.latest)
+            yield PercentHistory(self.history.util, classes="util-history")
+            yield PercentHistory(self.history.memory, classes="memory-history")
 
     def show(self, lines: Text, history: GpuHistory) -> None:
-        """Draw a reading; one that arrives before the card is composed is drawn on mount."""
-        self.latest = (lines, history)
-        if self.composed:
+        """Draw a reading (one that comes before the card is mounted is drawn by compose)."""
+        self.lines, self.history = lines, history
+        if self.is_mounted:
             self.query_one(".device-figures", Static).update(lines)
             self.query_one(".util-history", PercentHistory).show(history.util)
             self.query_one(".memory-history", PercentHistory).show(history.memory)
@@ -54,36 +50,68 @@ class GpuPanel(Widget):
         super().__init__(**kwargs)
         self.state = state
         self.border_title = "GPUs"
+        self.cards: dict[str, DeviceCard] = {}
+        self._stale = False  # something changed while the panel was out of sight
 
     def compose(self) -> ComposeResult:
         yield Static(classes="gpu-notice")
 
     def on_mount(self) -> None:
-        self.state.gpus_changed.subscribe(self, self._redraw)
-        self.state.status_changed.subscribe(self, self._redraw)
-        self._redraw()
+        self.state.gpus_changed.subscribe(self, self._gpus_changed)
+        self.state.status_changed.subscribe(self, self._status_changed)
+        self.redraw()
 
-    def _redraw(self, _: object = None) -> None:
+    def _gpus_changed(self, uuid: str | None) -> None:
+        """A reading of one GPU redraws its card alone; a new list redraws the panel."""
+        if not in_sight(self):
+            self._stale = True
+        elif uuid in self.cards and uuid in self.state.gpus:
+            history = self.state.gpus[uuid]
+            self.cards[uuid].show(gpu_lines(history.reading), history)
+        else:
+            self.redraw()
+
+    def _status_changed(self, _: dict) -> None:
+        """The status carries the CPU's reading and why there is no GPU: drawn only without
+        GPUs."""
+        if not self.state.gpus:
+            if in_sight(self):
+                self.redraw()
+            else:
+                self._stale = True
+
+    def catch_up(self) -> None:
+        """Draw what changed while out of sight."""
+        if self._stale:
+            self.redraw()
+
+    def redraw(self) -> None:
+        self._stale = False
         state = self.state
         notice = self.query_one(".gpu-notice", Static)
+        devices: dict[str, tuple[Text, GpuHistory]] = {}
         if state.gpus:
             notice.display = False
             devices = {key: (gpu_lines(history.reading), history)
                        for key, history in sorted(state.gpus.items(),
                                                   key=lambda item: item[1].reading["index"])}
+        elif state.status is None:
+            notice.display = True
+            notice.update("Waiting for the daemon...")
         else:
             notice.display = True
             reason = state.gpu_reason or "no NVIDIA GPU found"
             notice.update(f"No GPU: {reason}. Jobs run on the CPU.")
-            devices = {"cpu": (cpu_lines(state.cpu.reading), state.cpu)} if state.cpu else {}
-        cards = {card.key: card for card in self.query(DeviceCard)}
-        for key in cards.keys() - devices.keys():
-            cards.pop(key).remove()
+            if state.cpu:
+                devices = {"cpu": (cpu_lines(state.cpu.reading), state.cpu)}
+        for key in self.cards.keys() - devices.keys():
+            self.cards.pop(key).remove()
         for key, (lines, history) in devices.items():
-            if key not in cards:
-                cards[key] = DeviceCard(key)
-                self.mount(cards[key])
-            cards[key].show(lines, history)
+            if key in self.cards:
+                self.cards[key].show(lines, history)
+            else:
+                self.cards[key] = DeviceCard(key, lines, history)
+                self.mount(self.cards[key])
 
 
 def gpu_lines(gpu: dict) -> Text:
@@ -91,7 +119,7 @@ def gpu_lines(gpu: dict) -> Text:
     `                  mem  ███░░ 40.1/139.8 GiB  jobs 7, 9`"""
     jobs = sorted({p["job_id"] for p in gpu.get("processes") or [] if p.get("job_id")})
     return device_lines(
-        f"{gpu['index']} {gpu.get('name') or format.NA}", gpu.get("util_percent"),
+        f"{gpu['index']} {gpu.get('name') or units.NA}", gpu.get("util_percent"),
         f"{format.number(gpu.get('temperature_c'), '{}C')}  "
         f"{format.number(gpu.get('power_w'), '{:.0f}')}/"
         f"{format.number(gpu.get('power_limit_w'), '{:.0f}')}W",
@@ -115,5 +143,5 @@ def device_lines(title: str, util: float | None, util_note: str, memory_name: st
         f" {format.number(util, '{:.0f}%'):>4}  {util_note}\n",
         " " * 19, f"{memory_name:<5}",
         format.meter(None if used is None or not total else used / total, BAR_WIDTH),
-        f" {format.size(used)}/{format.size(total)}{memory_note}",
+        f" {units.size(used)}/{units.size(total)}{memory_note}",
     )

@@ -2,17 +2,20 @@
 
 Rows are keyed by job id, so an update touches only its cells and the cursor stays where the
 user put it. The time a job has run and its ETA tick once a second from the local clock. The
-columns fit 80 terminal columns.
+columns fit 80 terminal columns. Enter (or a click) on a row is DataTable's own `select_cursor`,
+which posts `DataTable.RowSelected`: the screen opens the job.
 """
 
 from __future__ import annotations
 
 from rich.text import Text
-from textual.message import Message
+from textual.binding import Binding
 from textual.widgets import DataTable
 
+from mistudio_core import units
 from tui import format
 from tui.state import DaemonState
+from tui.widgets import in_sight
 
 COLUMNS = ("id", "state", "kind", "model", "hook", "progress", "time", "ETA")
 STATE_STYLES = {"queued": "yellow", "running": "bold green", "succeeded": "green",
@@ -21,27 +24,33 @@ PROGRESS_WIDTH = 5
 
 
 class JobsTable(DataTable):
-    class Opened(Message):
-        """The user chose a job (enter, or a click)."""
-
-        def __init__(self, job_id: int) -> None:
-            super().__init__()
-            self.job_id = job_id
-
-    BINDINGS = [("enter", "open_job", "Open job")]
+    # DataTable's own enter (select_cursor), shown in the footer under what it does here
+    BINDINGS = [Binding("enter", "select_cursor", "Open job")]
 
     def __init__(self, state: DaemonState, **kwargs) -> None:
         super().__init__(cursor_type="row", zebra_stripes=True, **kwargs)
         self.state = state
+        self._stale = False  # jobs changed while the table was out of sight
 
     def on_mount(self) -> None:
         for column in COLUMNS:
             self.add_column(column, key=column)
-        self.state.jobs_replaced.subscribe(self, self._rebuild)
+        self.state.jobs_replaced.subscribe(self, self._on_jobs_replaced)
         self.state.job_changed.subscribe(self, self._update_job)
         self.state.metrics_added.subscribe(self, self._update_progress)
         self.set_interval(1.0, self._tick)
         self._rebuild()
+
+    def catch_up(self) -> None:
+        """Draw what changed while out of sight."""
+        if self._stale:
+            self._rebuild()
+
+    def _in_sight(self) -> bool:
+        if not in_sight(self):
+            self._stale = True
+            return False
+        return True
 
     @property
     def selected_job(self) -> int | None:
@@ -49,15 +58,12 @@ class JobsTable(DataTable):
             return None
         return int(self.coordinate_to_cell_key(self.cursor_coordinate).row_key.value)
 
-    def action_open_job(self) -> None:
-        if self.selected_job is not None:
-            self.post_message(self.Opened(self.selected_job))
+    def _on_jobs_replaced(self, _: None) -> None:
+        if self._in_sight():
+            self._rebuild()
 
-    def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
-        event.stop()
-        self.post_message(self.Opened(int(event.row_key.value)))
-
-    def _rebuild(self, _: object = None) -> None:
+    def _rebuild(self) -> None:
+        self._stale = False
         selected = self.selected_job
         self.clear()
         for job in self.state.jobs_newest_first():
@@ -66,16 +72,22 @@ class JobsTable(DataTable):
             self.move_cursor(row=self.get_row_index(str(selected)))
 
     def _update_job(self, job: dict) -> None:
+        if not self._in_sight():
+            return
         if str(job["id"]) not in self.rows:
             self._rebuild()  # a new job goes on top, where `newest first` puts it
             return
         self._update_cells(self.state.jobs[job["id"]], COLUMNS[1:])
 
     def _update_progress(self, job_id: int) -> None:
+        if not self._in_sight():
+            return
         if str(job_id) in self.rows and job_id in self.state.jobs:
             self._update_cells(self.state.jobs[job_id], ("progress", "ETA"))
 
     def _tick(self) -> None:
+        if not in_sight(self):
+            return
         for job in self.state.running_jobs():
             if str(job["id"]) in self.rows:
                 self._update_cells(job, ("time", "ETA"))
@@ -98,8 +110,8 @@ def cells(job: dict) -> tuple:
         format.model_name(job)[:10],
         short_hook(params.get("hook")),
         Text.assemble(format.meter(progress, PROGRESS_WIDTH), f" {progress:4.0%}"),
-        format.duration(format.elapsed(job)),
-        format.duration(format.eta(job)),
+        units.duration(format.elapsed(job)),
+        units.duration(format.eta(job)),
     )
 
 

@@ -2,8 +2,10 @@
 
 The points live in `DaemonState`, so a chart opened late shows the whole run. A new point only
 marks the chart stale; it is redrawn at most `REDRAW_HZ` times a second, so four jobs streaming
-fast cost a few renders a second, never one per point (key presses stay prompt). Long runs are
-thinned to `MAX_POINTS` per line for drawing; the data itself is never thinned.
+fast cost a few renders a second, never one per point (key presses stay prompt), and a chart
+out of sight (its screen under another) is not redrawn until its screen is back. Long runs are
+thinned to about `MAX_POINTS` per line for drawing, the newest point always kept; the data
+itself is never thinned.
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ from textual.app import RenderResult
 from textual_plotext import PlotextPlot
 from textual_plotext.plot import Plot
 
-from tui import format
+from mistudio_core import units
 from tui.state import DaemonState
+from tui.widgets import in_sight
 
 REDRAW_HZ = 2
 MAX_POINTS = 400
@@ -30,7 +33,7 @@ class MetricChart(PlotextPlot):
         super().__init__(**kwargs)
         self.state = state
         self.metric = metric
-        self.caption = title
+        self._caption = title
         self.log_y = log_y
         self.job_ids: list[int] = []
         self.points_drawn = 0  # in the last drawing, after thinning
@@ -42,11 +45,22 @@ class MetricChart(PlotextPlot):
         self.set_interval(1 / REDRAW_HZ, self._redraw_if_stale)
         self._redraw_if_stale()
 
-    def show_jobs(self, job_ids: list[int]) -> None:
-        if job_ids != self.job_ids:
+    @property
+    def caption(self) -> str:
+        """The chart's title (set it with `show_jobs`)."""
+        return self._caption
+
+    def show_jobs(self, job_ids: list[int], caption: str | None = None) -> None:
+        """Draw these jobs' lines, under a new caption if one is given."""
+        if job_ids != self.job_ids or caption not in (None, self._caption):
             self.job_ids = list(job_ids)
+            self._caption = self._caption if caption is None else caption
             self._stale = True
             self._redraw_if_stale()
+
+    def catch_up(self) -> None:
+        """Draw what changed while out of sight."""
+        self._redraw_if_stale()
 
     def _on_points(self, job_id: int) -> None:
         if job_id in self.job_ids:
@@ -54,7 +68,7 @@ class MetricChart(PlotextPlot):
 
     def _redraw_if_stale(self) -> None:
         """Gather the lines to draw from the state; `render` draws them."""
-        if not self._stale:
+        if not self._stale or not in_sight(self):
             return
         self._stale = False
         self._lines = []
@@ -64,9 +78,9 @@ class MetricChart(PlotextPlot):
                 kept = [i for i, value in enumerate(values) if value > 0]
                 steps, values = [steps[i] for i in kept], [math.log10(values[i]) for i in kept]
             if values:
-                stride = max(1, len(values) // MAX_POINTS)
+                kept = thinned(len(values))
                 label = f"job {job_id}" if len(self.job_ids) > 1 else None
-                self._lines.append((steps[::stride], values[::stride], label))
+                self._lines.append(([steps[i] for i in kept], [values[i] for i in kept], label))
         self.points_drawn = sum(len(steps) for steps, _, _ in self._lines)
         self.refresh()
 
@@ -99,10 +113,19 @@ class MetricChart(PlotextPlot):
                         style="dim")
 
 
+def thinned(n: int) -> list[int]:
+    """The indices of `n` points to draw: every one up to `2 * MAX_POINTS - 1`, past that an
+    even stride, and the last point always (the newest step is where the eye goes)."""
+    kept = list(range(0, n, max(1, n // MAX_POINTS)))
+    if kept and kept[-1] != n - 1:
+        kept.append(n - 1)
+    return kept
+
+
 def step_ticks(first: int, last: int, count: int = 5) -> tuple[list[float], list[str]]:
     """Whole-number step ticks (plotext would label them 531.2)."""
     ticks = sorted({round(first + (last - first) * i / (count - 1)) for i in range(count)})
-    return ticks, [format.count(tick) for tick in ticks]
+    return ticks, [units.count(tick) for tick in ticks]
 
 
 def log_ticks(lowest: float, highest: float, count: int = 4) -> tuple[list[float], list[str]]:

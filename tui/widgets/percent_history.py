@@ -21,9 +21,9 @@ class PercentHistory(Widget):
     }
     """
 
-    def __init__(self, **kwargs) -> None:
+    def __init__(self, values: Sequence[float] = (), **kwargs) -> None:
         super().__init__(**kwargs)
-        self.values: Sequence[float] = ()
+        self.values = values
 
     def show(self, values: Sequence[float]) -> None:
         self.values = values

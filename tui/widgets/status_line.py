@@ -5,7 +5,7 @@ from __future__ import annotations
 from rich.text import Text
 from textual.widgets import Static
 
-from tui import format
+from mistudio_core import units
 from tui.state import Connection, DaemonState
 
 
@@ -39,5 +39,5 @@ def summary(status: dict | None) -> str:
     devices = (f"{gpus.get('count')} GPU" + ("s" if gpus.get("count") != 1 else "")
                if gpus.get("available") else "CPU only")
     return (f"mistudiod {status.get('version', '?')} (pid {status.get('pid')}) up "
-            f"{format.duration(status.get('uptime_s'))} · {devices} · "
+            f"{units.duration(status.get('uptime_s'))} · {devices} · "
             f"{jobs.get('running', 0)} running · {jobs.get('queued', 0)} queued · {done} done")
