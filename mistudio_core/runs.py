@@ -32,8 +32,9 @@ from mistudio_core.models import (
     resolve_device,
     resolve_dtype,
 )
+from mistudio_core.progress import Callback, silent
 from mistudio_core.sae import SAEConfig, SAEMetadata, load_sae, save_sae
-from mistudio_core.train import Callback, TrainConfig, Trainer, silent
+from mistudio_core.train import TrainConfig, Trainer
 
 # The shuffle buffer holds at most this many bytes of activations (and 2^18 tokens).
 _BUFFER_BYTES = 1 << 30
@@ -84,7 +85,7 @@ def train_sae(job: TrainJob, callback: Callback = silent) -> TrainResult:
     for directory in (job.out, job.cache):
         if directory:
             _writable_directory(Path(directory))
-    _prepare_demo(job.model.model_id, job.corpus, callback)
+    prepare_demo(job.model.model_id, job.corpus, callback)
     corpus = Corpus.open(job.corpus, job.text_field)
     corpus_sha256 = corpus.fingerprint()
     config = load_config(job.model)
@@ -167,7 +168,7 @@ def evaluate_saved(
 ) -> EvalResult:
     """Evaluate a saved SAE on `n_tokens` of a corpus; the result is also written beside it."""
     loaded = load_sae(sae_dir)
-    _prepare_demo(model.model_id, corpus, callback)
+    prepare_demo(model.model_id, corpus, callback)
     if not loaded.metadata.hook_name:
         raise MistudioError(
             f"the SAE in {sae_dir} does not say which hook it reads",
@@ -224,7 +225,7 @@ def _writable_directory(directory: Path) -> None:
         ) from exc
 
 
-def _prepare_demo(model_id: str, corpus: str, callback: Callback) -> None:
+def prepare_demo(model_id: str, corpus: str, callback: Callback) -> None:
     """Build the offline demo model (once) with its progress in the job's log, if it is used."""
     if DEMO_MODEL_ALIAS in (model_id, corpus):
         build_demo_model(progress=lambda line: callback("log", {"message": line}))

@@ -18,7 +18,6 @@ import math
 import os
 import random
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -28,6 +27,7 @@ import torch
 from mistudio_core.activations import ShuffledBatches, StreamPosition
 from mistudio_core.errors import MistudioError
 from mistudio_core.hooks import HookPoint
+from mistudio_core.progress import Callback, silent
 from mistudio_core.sae import SAEConfig, SparseAutoencoder
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -96,13 +96,6 @@ class TrainConfig:
         if step >= decay_start and total > decay_start:
             return max(0.0, (total - step) / (total - decay_start))
         return 1.0
-
-
-Callback = Callable[[str, dict], None]
-
-
-def silent(_kind: str, _payload: dict) -> None:
-    """The callback for runs nobody watches."""
 
 
 class Trainer:

@@ -4,9 +4,11 @@ Every command takes `--json` (one JSON document on stdout, nothing else there; p
 go to stderr). Exit status: 0 success, 1 the job failed, 2 bad usage or input, with a message
 and a hint on stderr (or in the JSON document).
 
-Job commands (`train`, `eval`) and `check-memory` go to the daemon (`mistudiod`) and wait for
-the result with a progress bar; `--detach` returns the job id at once and `--local` runs them in
-this process instead, through the same `mistudiod.jobs.run_job`. The control-plane commands
+Job commands (`train`, `eval`, `find`, `explain`, `score`, `correlate`) and `check-memory` go to
+the daemon (`mistudiod`) and wait for the result with a progress bar; `--detach` returns the job
+id at once and `--local` runs them in this process instead, through the same
+`mistudiod.jobs.run_job`. `features` and `feature` read what those jobs stored beside the SAE,
+directly (no daemon), with the daemon's own `feature.*` functions. The control-plane commands
 (`status`, `gpu`, `jobs`, `job ...`, `corpus ...`) always talk to the daemon; `--runtime-dir` /
 `MISTUDIO_RUNTIME_DIR` says where it listens.
 """
@@ -15,7 +17,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import shutil
 import sys
 import traceback
 from collections.abc import Callable
@@ -168,6 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
     _job_options(evaluate)
     _common(evaluate)
 
+    _feature_job_parsers(commands)
+    _feature_reading_parsers(commands, OPERATIONS)
+
     for name, text in (("status", "the daemon's status"), ("gpu", "the GPUs, as the daemon "
                                                             "sees them")):
         _common(commands.add_parser(name, help=text))
@@ -188,6 +195,88 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("tui", help="the terminal dashboard (as `mistudio-tui`; its options "
                                     "follow)", add_help=False)
     return parser
+
+
+def _feature_job_parsers(commands) -> None:
+    """`find`, `explain`, `score`, `correlate`: jobs on a trained SAE's features."""
+    find = commands.add_parser("find", help="each feature's top examples, statistics, "
+                                            "histogram and logit effects")
+    params = PARAMS["find"]
+    find.add_argument("sae_dir")
+    _model_options(find, "find")
+    _field(find, params, "--corpus", help=".txt, .jsonl or .parquet (or `demo`)")
+    _field(find, params, "--text-field", help="JSONL/Parquet field with the text")
+    _field(find, params, "--tokens", help="corpus tokens to read")
+    _field(find, params, "--top", help="top-activating examples kept per feature")
+    _field(find, params, "--radius", help="tokens of context each side of an example's peak")
+    _field(find, params, "--seed")
+    _field(find, params, "--resume", help="continue an interrupted find")
+    _job_options(find)
+    _common(find)
+
+    explain = commands.add_parser("explain", help="explain features in words")
+    params = PARAMS["explain"]
+    explain.add_argument("sae_dir")
+    _field(explain, params, "--explainer",
+           help="stats (offline, from token statistics), hf:MODEL or openai:URL[#model]")
+    _field(explain, params, "--features", help="ids and ranges, e.g. 0-99,120 (default: all)")
+    _field(explain, params, "--overwrite", help="explain features already explained again")
+    _field(explain, params, "--device", help="auto, cpu or cuda:N (an hf: explainer's)")
+    _field(explain, params, "--quantization", help="of an hf: explainer")
+    _job_options(explain)
+    _common(explain)
+
+    score = commands.add_parser("score", help="how well explanations predict activations")
+    params = PARAMS["score"]
+    score.add_argument("sae_dir")
+    _field(score, params, "--scorer", help="rule or embedding:MODEL (offline; "
+                                           "embedding:hashing), detection, fuzzing, simulation "
+                                           "(ask an --llm)")
+    _field(score, params, "--explainer", help="whose explanations to score")
+    _field(score, params, "--llm", help="hf:MODEL or openai:URL[#model], for the LLM scorers")
+    _field(score, params, "--features", help="ids and ranges, e.g. 0-99,120 (default: all)")
+    _field(score, params, "--overwrite", help="score features already scored again")
+    _field(score, params, "--device", help="auto, cpu or cuda:N (the scorer's model's)")
+    _field(score, params, "--quantization", help="of an hf: LLM")
+    _job_options(score)
+    _common(score)
+
+    correlate = commands.add_parser("correlate", help="similar features and the semantic "
+                                                      "index of explanations")
+    params = PARAMS["correlate"]
+    correlate.add_argument("sae_dir")
+    _field(correlate, params, "--neighbours", help="similar features kept per feature")
+    _field(correlate, params, "--embedder", help="hashing (offline) or a Hugging Face encoder "
+                                                 "for the explanation index")
+    _field(correlate, params, "--text", help="also show which features fire on this text "
+                                             "(needs --model)")
+    _model_options(correlate, "correlate")
+    _job_options(correlate)
+    _common(correlate)
+
+
+def _feature_reading_parsers(commands, operations: dict) -> None:
+    """`features` and `feature`: what the feature jobs stored, read here."""
+    features = commands.add_parser("features", help="list an SAE's features with their "
+                                                    "statistics, explanations and scores")
+    request = operations["feature.list"].schema
+    features.add_argument("sae_dir")
+    _field(features, request, "--sort", help="id counts up, the others list the largest first")
+    features.add_argument("--reverse", action="store_true", help="the other way round")
+    query = features.add_mutually_exclusive_group()
+    _field(query, request, "--search", help="explanations containing TEXT, or the feature id")
+    query.add_argument("--semantic", metavar="QUERY",
+                       help="explanations closest in meaning (after `mistudio correlate`)")
+    _field(features, request, "--limit", default=50)
+    _field(features, request, "--offset")
+    _field(features, request, "--scorer", help="whose score to show and sort by")
+    _common(features)
+
+    feature = commands.add_parser("feature", help="one feature's card: examples, histogram, "
+                                                  "logit effects, explanations, neighbours")
+    feature.add_argument("sae_dir")
+    feature.add_argument("id", type=_whole(0), help="the feature's id")
+    _common(feature)
 
 
 # ----- commands --------------------------------------------------------------------------------
@@ -242,9 +331,30 @@ def _job(kind: str) -> Callable:
     return command
 
 
+def _features(args, _progress) -> dict:
+    from mistudiod.operations import list_features, search_features
+
+    sae_dir = str(Path(args.sae_dir).expanduser())
+    if args.semantic:
+        return {"path": sae_dir, "query": args.semantic,
+                **search_features(sae_dir, args.semantic, args.limit)}
+    descending = (args.sort == "id") if args.reverse else None
+    return {"path": sae_dir, **list_features({
+        "sae_dir": sae_dir, "sort": args.sort, "descending": descending,
+        "search": args.search, "limit": args.limit, "offset": args.offset,
+        "scorer": args.scorer})}
+
+
+def _feature(args, _progress) -> dict:
+    from mistudiod.operations import show_feature
+
+    sae_dir = str(Path(args.sae_dir).expanduser())
+    return {"path": sae_dir, **show_feature(sae_dir, args.id)}
+
+
 def _refuse_hf_token(args) -> None:
     """The daemon loads models with its own login: a token given here would be ignored."""
-    if args.hf_token:
+    if getattr(args, "hf_token", None):
         raise MistudioError(
             "the daemon uses its own Hugging Face token, not --hf-token",
             hint="set HF_TOKEN in the daemon's environment (or `hf auth login` as its "
@@ -262,7 +372,7 @@ def _daemon(command: Callable) -> Callable:
 
 
 def _token(args) -> str | None:
-    return args.hf_token or os.environ.get("HF_TOKEN")
+    return getattr(args, "hf_token", None) or os.environ.get("HF_TOKEN")
 
 
 # ----- output ----------------------------------------------------------------------------------
@@ -318,8 +428,8 @@ class _Progress:
                 return
             self.bar.set_postfix_str(_metrics_text(payload), refresh=False)
             self.update(payload["step"])
-        elif kind == "progress":
-            self.update(payload["tokens"])
+        elif kind == "progress":  # {done, total}; an evaluation's {tokens, total}
+            self.update(payload.get("done", payload.get("tokens", 0)), payload.get("total"))
 
     def close(self) -> None:
         if self.bar is not None:
@@ -347,8 +457,116 @@ def _render_train(args, document: dict) -> str:
     return "\n".join(lines)
 
 
-def _render_eval(args, document: dict) -> str:
+def _render_result(args, document: dict) -> str:
+    """A job's result (its summary), or the job itself after --detach."""
     return _render_job(document["job"]) if "job" in document else _render_summary(args, document)
+
+
+def _render_features(args, document: dict) -> str:
+    width = _line_width()
+    if "results" in document:  # --semantic
+        lines = [f"{'ID':>6}  {'MATCH':>6}  EXPLANATION"]
+        lines += [_clip(f"{r['id']:>6}  {r['score']:>6.3f}  {_one_line(r['explanation'])}", width)
+                  for r in document["results"]]
+        return "\n".join(lines if document["results"] else ["no explanation matches"])
+    rows = document["features"]
+    lines = [f"{'ID':>6}  {'DENSITY':>8}  {'MAX':>7}  {'MEAN':>7}  {'SCORE':>6}  EXPLANATION"]
+    for row in rows:
+        score = "-" if row["score"] is None else f"{row['score']:.3f}"
+        explanation = _one_line(row["explanation"]) if row["explanation"] else "-"
+        lines.append(_clip(f"{row['id']:>6}  {_percent(row['density']):>8}  "
+                           f"{row['max_act']:>7.3g}  {row['mean_act']:>7.3g}  {score:>6}  "
+                           f"{explanation}", width))
+    if not rows:
+        return f"no features match (the SAE has {document['d_sae']})"
+    lines.append(f"{args.offset + 1}-{args.offset + len(rows)} of {document['total']} features "
+                 f"({document['d_sae']} in the SAE), by {args.sort}; "
+                 f"`mistudio feature {document['path']} ID` shows one")
+    return "\n".join(lines)
+
+
+def _render_card(_args, document: dict) -> str:
+    from mistudio_core.feature_store import Example
+
+    card = document["feature"]
+    mark = _marker()
+    lines = [_statistics_line(card)]
+    lines += _section("explanations", [f"{e['explainer']}: {_one_line(e['text'])}"
+                                       for e in card["explanations"]])
+    lines += _section("scores", [f"{s['scorer']} of {s['explainer']}: "
+                                 + ("-" if s["value"] is None else f"{s['value']:.3f}")
+                                 for s in card["scores"]])
+    lines += _section("top examples", [f"{e['value']:>8.3f}  "
+                                       f"{_one_line(Example(**e).marked_text(0.0, *mark))}"
+                                       for e in card["top"]])
+    lines += _section("across the activation range (one example per quantile group)", [
+        f"{g['group'] + 1:>2} {g['low']:>8.3g} - {g['high']:<8.3g} "
+        + (_one_line(Example(**g["examples"][0]).marked_text(0.0, *mark))
+           if g["examples"] else "-") for g in card["quantiles"]])
+    lines += _section("activation histogram", _histogram_rows(card["histogram"]))
+    logits = card["logits"]
+    for side in ("promoted", "suppressed"):
+        if logits.get(side):
+            lines += _section(f"{side} tokens", ["  ".join(f"{text!r} {value:+.3f}"
+                                                           for text, value in logits[side])])
+    for key, title in (("similar", "similar features (decoder cosine)"),
+                       ("cooccurring", "co-occurring features (Jaccard)")):
+        lines += _section(title, [f"#{n['id']:<6} {n['value']:.3f}  "
+                                  + _one_line(n["explanation"] or "-") for n in card[key]])
+    return "\n".join(lines)
+
+
+def _statistics_line(card: dict) -> str:
+    head = f"feature {card['id']} of {card['d_sae']}"
+    if card.get("n_fired") is None:
+        return head
+    if not card["n_fired"]:
+        return f"{head}: never fired on the tokens find read"
+    return (f"{head}: fires on {_percent(card['density'])} of tokens ({card['n_fired']}), "
+            f"max {card['max_act']:.3g}, mean {card['mean_act']:.3g} when firing")
+
+
+def _section(title: str, rows: list[str]) -> list[str]:
+    return ["", f"{title}:", *(f"  {row}" for row in rows)] if rows else []
+
+
+def _histogram_rows(histogram: dict, bar_width: int = 40) -> list[str]:
+    """One row per log-spaced bin, from the first to the last one with any count."""
+    counts, edges = histogram.get("counts") or [], histogram.get("log10_edges") or []
+    filled = [i for i, count in enumerate(counts) if count]
+    if not filled:
+        return []
+    peak = max(counts)
+    rows = []
+    for i in range(filled[0], filled[-1] + 1):
+        bar = "#" * math.ceil(bar_width * counts[i] / peak) if counts[i] else ""
+        rows.append(f"{10 ** edges[i]:>9.3g} - {10 ** edges[i + 1]:<9.3g} "
+                    f"{bar:<{bar_width}} {counts[i]}")
+    return rows
+
+
+def _marker() -> tuple[str, str]:
+    """How activating tokens are marked: bold yellow on a terminal, «...» in plain text."""
+    if sys.stdout.isatty() and not os.environ.get("NO_COLOR"):
+        return "\x1b[1;33m", "\x1b[0m"
+    return "«", "»"
+
+
+def _one_line(text: str | None) -> str:
+    return (text or "").replace("\r", "").replace("\n", "⏎")
+
+
+def _percent(fraction: float | None) -> str:
+    return "-" if fraction is None else f"{100 * fraction:.3g}%"
+
+
+def _line_width() -> int | None:
+    """The terminal's width; None (no clipping) when stdout is not a terminal."""
+    return shutil.get_terminal_size().columns if sys.stdout.isatty() else None
+
+
+def _clip(line: str, width: int | None) -> str:
+    return line if width is None or len(line) <= width else line[:max(width - 1, 0)] + "…"
 
 
 def _render_status(_args, document: dict) -> str:
@@ -419,7 +637,13 @@ COMMANDS: dict[str, Command] = {
     "demo-model": Command(_demo_model, _render_fields),
     "check-memory": Command(_check_memory, _render_summary),
     "train": Command(_job("train"), _render_train),
-    "eval": Command(_job("eval"), _render_eval),
+    "eval": Command(_job("eval"), _render_result),
+    "find": Command(_job("find"), _render_result),
+    "explain": Command(_job("explain"), _render_result),
+    "score": Command(_job("score"), _render_result),
+    "correlate": Command(_job("correlate"), _render_result),
+    "features": Command(_features, _render_features),
+    "feature": Command(_feature, _render_card),
     "status": Command(_daemon(remote.status), _render_status),
     "gpu": Command(_daemon(remote.gpu), _render_gpu),
     "jobs": Command(_daemon(remote.jobs), _render_jobs),
@@ -470,10 +694,14 @@ def main(argv: list[str] | None = None) -> int:
 def _interrupted_hint(args) -> str:
     """What to do after Ctrl-C: only a run in this process is gone (and can be resumed)."""
     command = getattr(args, "command", None)
-    if command not in ("train", "eval"):
+    if command not in PARAMS:
         return ""
     if args.local:
-        return "rerun with --resume to continue the training run" if command == "train" else ""
+        return {"train": "rerun with --resume to continue the training run",
+                "find": "rerun with --resume to continue the find",
+                "explain": "rerun it: the features already explained are kept and skipped",
+                "score": "rerun it: the features already scored are kept and skipped",
+                }.get(command, "")
     return "`mistudio jobs` shows whether the job reached the daemon"
 
 

@@ -3,8 +3,9 @@
 `mistudio train --local` and the daemon's worker subprocesses both call `run_job` with the same
 parameter dict, so a job does exactly the same work whichever way it is started. The schemas
 check a submitted job's parameters before it is queued; `run_job` turns them into the core's
-`TrainJob` / `evaluate_saved` calls. This module imports no ML library at import time: the
-daemon validates with it and only workers pay for torch.
+calls (`train_sae`, `evaluate_saved`, `find_features`, `explain_features`, `score_features`,
+`correlate_features`). This module imports no ML library at import time: the daemon validates
+with it and only workers pay for torch.
 """
 
 from __future__ import annotations
@@ -15,15 +16,24 @@ from mistudiod.schema import Field, Schema
 
 Callback = Callable[[str, dict], None]
 
-_DEVICE = r"auto|cpu|cuda(:\d{1,2})?"
+_DEVICE = Field(str, default="auto", pattern=r"auto|cpu|cuda(:\d{1,2})?")
+_QUANTIZATION = Field(str, default="auto", choices=("auto", "none", "8bit", "4bit"))
 _PATH = {"max_length": 4096}
+_SAE_DIR = Field(str, required=True, **_PATH)
+# A chat model: a local Hugging Face model or an OpenAI-compatible endpoint (`#model` suffix).
+_CHAT_BACKEND = r"hf:.+|openai:.+"
+_EXPLAINER = Field(str, default="stats", pattern=rf"stats|{_CHAT_BACKEND}", max_length=1024)
+# `0-99,120` (checked against the SAE's width where the SAE is known: the daemon, the worker).
+_FEATURES = Field(str, max_length=100_000,
+                  pattern=r"\s*(all|\d+(\s*-\s*\d+)?(\s*,\s*\d+(\s*-\s*\d+)?)*)\s*")
+LLM_SCORERS = ("detection", "fuzzing", "simulation")
 
 _MODEL_FIELDS = {
     "model": Field(str, required=True, max_length=512),
     "revision": Field(str, max_length=256),
     "dtype": Field(str, default="auto", choices=("auto", "float32", "bfloat16", "float16")),
-    "quantization": Field(str, default="auto", choices=("auto", "none", "8bit", "4bit")),
-    "device": Field(str, default="auto", pattern=_DEVICE),
+    "quantization": _QUANTIZATION,
+    "device": _DEVICE,
 }
 
 PARAMS: dict[str, Schema] = {
@@ -51,19 +61,63 @@ PARAMS: dict[str, Schema] = {
     ),
     "eval": Schema(
         **_MODEL_FIELDS,
-        sae_dir=Field(str, required=True, **_PATH),
+        sae_dir=_SAE_DIR,
         corpus=Field(str, required=True, **_PATH),
         text_field=Field(str, default="text", max_length=128),
         tokens=Field(int, default=100_000, min=1, max=10**10),
     ),
+    "find": Schema(
+        **_MODEL_FIELDS,
+        sae_dir=_SAE_DIR,
+        corpus=Field(str, required=True, **_PATH),
+        text_field=Field(str, default="text", max_length=128),
+        tokens=Field(int, default=1_000_000, min=1, max=10**12),
+        top=Field(int, default=20, min=1, max=1000),
+        radius=Field(int, default=12, min=0, max=1024),  # FindConfig's range
+        seed=Field(int, default=0, min=0, max=2**31 - 1),
+        resume=Field(bool, default=False),
+    ),
+    "explain": Schema(
+        sae_dir=_SAE_DIR,
+        explainer=_EXPLAINER,
+        features=_FEATURES,
+        overwrite=Field(bool, default=False),
+        device=_DEVICE,
+        quantization=_QUANTIZATION,
+    ),
+    "score": Schema(
+        sae_dir=_SAE_DIR,
+        scorer=Field(str, default="rule", max_length=1024,
+                     pattern=rf"rule|embedding:.+|{'|'.join(LLM_SCORERS)}"),
+        explainer=_EXPLAINER,
+        llm=Field(str, pattern=_CHAT_BACKEND, max_length=1024),
+        features=_FEATURES,
+        overwrite=Field(bool, default=False),
+        device=_DEVICE,
+        quantization=_QUANTIZATION,
+    ),
+    "correlate": Schema(
+        sae_dir=_SAE_DIR,
+        neighbours=Field(int, default=10, min=1, max=1000),
+        embedder=Field(str, default="hashing", max_length=512),
+        # with `text`, the result also says which features fire on it, read by `model`
+        text=Field(str, max_length=100_000),
+        **{**_MODEL_FIELDS, "model": Field(str, max_length=512)},
+    ),
 }
+# What a job's progress counts (its `start` event's unit, the CLI's bar).
+UNITS = {"train": "step", "eval": "tok", "find": "tok", "explain": "feature",
+         "score": "feature", "correlate": "feature"}
+# Kinds that work on an SAE's features directory: find writes it, the readers read it.
+FEATURE_READERS = ("explain", "score", "correlate")
+FEATURE_KINDS = ("find", *FEATURE_READERS)
 
 
 def validate_params(kind: str, params: dict) -> dict:
     """A job's parameters checked field by field (the hook by the core's own parser, whose
-    message lists the hook names), with defaults filled in. What the core's configs would
-    refuse in the worker (`TrainConfig`: at least one batch of tokens, 0 < lr < 1) is refused
-    here, before the job is queued."""
+    message lists the hook names), with defaults filled in. What the core would refuse in the
+    worker is refused here, before the job is queued: `TrainConfig`'s at least one batch of
+    tokens and 0 < lr < 1, an LLM scorer without an LLM, a text to read without a model."""
     from mistudio_core.errors import MistudioError
     from mistudio_core.hooks import HookPoint
 
@@ -84,6 +138,14 @@ def validate_params(kind: str, params: dict) -> dict:
                                 f"{valid['lr']:g}",
                                 hint="leave it out to scale with the SAE's width, or try 2e-4",
                                 code="bad_request", field="lr")
+    if kind == "score" and valid["scorer"] in LLM_SCORERS and not valid["llm"]:
+        raise MistudioError(f"the {valid['scorer']} scorer needs an LLM to ask",
+                            hint="give llm as hf:MODEL or openai:URL[#model]",
+                            code="bad_request", field="llm")
+    if kind == "correlate" and valid["text"] is not None and not valid["model"]:
+        raise MistudioError("reading a text needs the model the SAE was trained on",
+                            hint="give the model too (--model), or leave the text out",
+                            code="bad_request", field="model")
     return valid
 
 
@@ -91,15 +153,16 @@ def run_job(kind: str, params: dict, callback: Callback, *, resume: bool = False
             token: str | None = None) -> dict:
     """Run one job in this process and return its result document.
 
-    `resume` continues a training run from its checkpoint (the daemon sets it when it restarts
-    a job that a crash or a restart interrupted). Progress goes to `callback`, starting with a
-    `start` event that says how much work there is.
+    `resume` continues an interrupted run (the daemon sets it when it restarts a job that a
+    crash or a restart interrupted): training from its checkpoint, find from its saved pass.
+    Explain and score need no flag: they skip the features already done. Progress goes to
+    `callback`, starting with a `start` event that says how much work there is.
     """
-    if kind == "train":
-        return _train(params, callback, resume, token)
-    if kind == "eval":
-        return _eval(params, callback, token)
-    raise ValueError(f"unknown job kind {kind!r}")
+    runners = {"train": _train, "eval": _eval, "find": _find, "explain": _explain,
+               "score": _score, "correlate": _correlate}
+    if kind not in runners:
+        raise ValueError(f"unknown job kind {kind!r}")
+    return runners[kind](params, callback, resume, token)
 
 
 def _model_spec(params: dict, token: str | None):
@@ -107,6 +170,10 @@ def _model_spec(params: dict, token: str | None):
 
     return ModelSpec(params["model"], revision=params["revision"], dtype=params["dtype"],
                      quantization=params["quantization"], device=params["device"], token=token)
+
+
+def _start(kind: str, callback: Callback, total: int, description: str) -> None:
+    callback("start", {"total": total, "unit": UNITS[kind], "description": description})
 
 
 def _train(params: dict, callback: Callback, resume: bool, token: str | None) -> dict:
@@ -127,18 +194,75 @@ def _train(params: dict, callback: Callback, resume: bool, token: str | None) ->
         train=train_config, text_field=params["text_field"], cache=params["cache"],
         resume=params["resume"] or resume, eval_tokens=params["eval_tokens"],
     )
-    callback("start", {"total": train_config.total_steps, "unit": "step",
-                      "description": "training"})
+    _start("train", callback, train_config.total_steps, "training")
     return train_sae(job, callback).to_dict()
 
 
-def _eval(params: dict, callback: Callback, token: str | None) -> dict:
+def _eval(params: dict, callback: Callback, resume: bool, token: str | None) -> dict:
     from mistudio_core.runs import evaluate_saved
 
-    callback("start", {"total": params["tokens"], "unit": "tok", "description": "evaluating"})
+    _start("eval", callback, params["tokens"], "evaluating")
     result = evaluate_saved(
         params["sae_dir"], _model_spec(params, token), params["corpus"], params["tokens"],
         params["text_field"], callback,
     )
     return {"path": params["sae_dir"], "evaluation": result.to_dict(),
             "summary": result.summary()}
+
+
+def _find(params: dict, callback: Callback, resume: bool, token: str | None) -> dict:
+    from mistudio_core.find import FindConfig, find_features
+
+    config = FindConfig(tokens=params["tokens"], top=params["top"], radius=params["radius"],
+                        seed=params["seed"])
+    _start("find", callback, params["tokens"], "finding features")
+    return find_features(params["sae_dir"], _model_spec(params, token), params["corpus"],
+                         config, callback, resume=params["resume"] or resume,
+                         text_field=params["text_field"])
+
+
+def _explain(params: dict, callback: Callback, resume: bool, token: str | None) -> dict:
+    from mistudio_core.explain import explain_features
+
+    features = _selection(params, callback, "explain", f"explaining ({params['explainer']})")
+    return explain_features(params["sae_dir"], params["explainer"], features, callback,
+                            overwrite=params["overwrite"], device=params["device"],
+                            quantization=params["quantization"])
+
+
+def _score(params: dict, callback: Callback, resume: bool, token: str | None) -> dict:
+    from mistudio_core.score import score_features
+
+    features = _selection(params, callback, "score", f"scoring ({params['scorer']})")
+    return score_features(params["sae_dir"], params["scorer"], params["explainer"], features,
+                          callback, overwrite=params["overwrite"], device=params["device"],
+                          quantization=params["quantization"], llm=params["llm"])
+
+
+def _selection(params: dict, callback: Callback, kind: str, description: str) -> list | None:
+    """The chosen features (None: all), checked against the SAE's width; the `start` event
+    counts them (features done earlier are skipped, so the first progress report may count
+    fewer)."""
+    from mistudio_core.feature_store import FeatureStore, parse_features
+
+    store = FeatureStore(params["sae_dir"])
+    try:
+        features = parse_features(params["features"], store.d_sae)
+        _start(kind, callback, store.d_sae if features is None else len(features), description)
+        return features
+    finally:
+        store.close()
+
+
+def _correlate(params: dict, callback: Callback, resume: bool, token: str | None) -> dict:
+    from mistudio_core.correlate import CorrelateConfig, correlate_features, features_on_text
+
+    _start("correlate", callback, 0, "correlating features")  # the first report says of what
+    config = CorrelateConfig(neighbours=params["neighbours"], embedder=params["embedder"],
+                             device=params["device"])
+    result = correlate_features(params["sae_dir"], config, callback)
+    if params["text"] is not None:
+        on_text = features_on_text(params["sae_dir"], _model_spec(params, token), params["text"])
+        result["features_on_text"] = on_text
+        result["summary"] += "\non the text: " + on_text["summary"]
+    return result

@@ -9,7 +9,10 @@ handler returns the reply content, or raises `MistudioError`, which the server t
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import platform
+import sqlite3
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -23,7 +26,7 @@ from mistudio_core import __version__
 from mistudio_core.errors import MistudioError
 from mistudio_core.model_ids import DEMO_MODEL_ALIAS, check_model_id
 from mistudiod.gpus import devices_of
-from mistudiod.jobs import PARAMS, validate_params
+from mistudiod.jobs import FEATURE_READERS, PARAMS, validate_params
 from mistudiod.protocol import JOB_STATES, PROTOCOL_VERSION, Message, ok
 from mistudiod.schema import Field, Schema
 from mistudiod.uploads import CHUNK_BYTES, check_corpus_name
@@ -53,6 +56,7 @@ def operation(msg_type: str, /, audited: bool = False, slow: bool = False, **fie
 
 
 _JOB_ID = Field(int, required=True, min=1, max=2**62)
+SAE_CONFIG_FILE = "cfg.json"  # what makes a directory an SAE (SAELens's format)
 _MODEL = Field(str, required=True, max_length=512)
 
 
@@ -225,26 +229,61 @@ async def job_validate(daemon: Daemon, request: dict, _: Message, __: str) -> di
 
 
 def _resolve_paths(daemon: Daemon, kind: str, params: dict) -> dict:
-    """Corpus names become paths under `corpora/`; relative outputs go under `runs/`."""
+    """Corpus names become paths under `corpora/`; relative outputs and SAE directories go
+    under `runs/`. The SAE a job reads must be there now, and so must its features unless a
+    queued or running find job is about to write them (a queued pipeline)."""
     params = dict(params)
-    params["corpus"] = _corpus_path(daemon, params["corpus"])
+    if "corpus" in params:
+        params["corpus"] = _corpus_path(daemon, params["corpus"])
     if kind == "train" and params["out"] and not Path(params["out"]).is_absolute():
         params["out"] = str(daemon.paths.runs / _relative_name(params["out"], "out"))
     for name in ("cache", "sae_dir"):
         value = params.get(name)
         if value and not Path(value).is_absolute():
             params[name] = str(daemon.paths.runs / _relative_name(value, name))
-    if kind == "eval" and not Path(params["sae_dir"]).is_dir():
-        raise MistudioError(f"no SAE directory {params['sae_dir']} on the daemon's machine",
-                            hint="give the path of a trained SAE (a train job's `out`)",
-                            code="bad_sae", field="sae_dir")
-    try:  # the rule the worker loads it by: a directory here, a hub id, or the demo model
-        check_model_id(params["model"])
-    except MistudioError as error:
-        error.message += " on the daemon's machine"
-        error.field = "model"
-        raise
+    if "sae_dir" in params:
+        _check_sae_dir(daemon, kind, params)
+    if params.get("model") is not None:
+        try:  # the rule the worker loads it by: a directory here, a hub id, or the demo model
+            check_model_id(params["model"])
+        except MistudioError as error:
+            error.message += " on the daemon's machine"
+            error.field = "model"
+            raise
     return params
+
+
+def _check_sae_dir(daemon: Daemon, kind: str, params: dict) -> None:
+    from mistudio_core.feature_store import has_features, parse_features
+
+    sae_dir = params["sae_dir"]
+    d_sae = sae_width(sae_dir)
+    if d_sae is None:
+        raise MistudioError(f"no SAE directory {sae_dir} on the daemon's machine",
+                            hint="give the path of a trained SAE (a train job's `out`, with "
+                                 "its cfg.json)", code="bad_sae", field="sae_dir")
+    finds = [job.id for job in daemon.queue.list(("queued", "running"), 10_000)
+             if job.kind == "find" and job.params.get("sae_dir") == sae_dir]
+    if kind == "find" and finds:
+        raise MistudioError(f"find job {finds[0]} is already finding this SAE's features",
+                            hint=f"wait for it, or cancel it (`mistudio job cancel {finds[0]}`)",
+                            code="busy", field="sae_dir")
+    if kind in FEATURE_READERS and not finds and not has_features(sae_dir):
+        raise MistudioError(f"no features found for the SAE in {sae_dir}",
+                            hint=f"run `mistudio find {sae_dir} --model M --corpus C` first",
+                            code="not_found", field="sae_dir")
+    if params.get("features") is not None:
+        parse_features(params["features"], d_sae)
+
+
+def sae_width(sae_dir: str | Path) -> int | None:
+    """The number of features of the SAE in `sae_dir` (its cfg.json's `d_sae`), or None when
+    the directory holds no readable SAE config."""
+    try:
+        cfg = json.loads((Path(sae_dir) / SAE_CONFIG_FILE).read_text())
+        return int(cfg["d_sae"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _corpus_path(daemon: Daemon, corpus: str) -> str:
@@ -333,3 +372,142 @@ async def job_result(daemon: Daemon, request: dict, _: Message, __: str) -> dict
         raise MistudioError(f"job {job.id} is {job.state}; it has no result yet",
                             hint="wait for it (`mistudio job show ID`)", code="not_ready")
     return ok(state=job.state, result=job.result, error=job.error)
+
+
+# ----- features (what find, explain, score and correlate stored beside an SAE) -----------------
+# Quick reads of `SAE_DIR/features/`: each request opens the store in a thread and closes it,
+# so a find that rewrites the store between two requests is seen whole by the next one.
+
+_SAE_DIR = Field(str, required=True, max_length=4096)
+_SORTS = ("id", "density", "max", "mean", "score")  # mistudio_core.feature_store.SORTS
+
+
+@operation("feature.sources", slow=True)
+async def feature_sources(daemon: Daemon, _: dict, __: Message, ___: str) -> dict:
+    trained = [job.result["path"] for job in daemon.queue.list(("succeeded",), 10_000)
+               if job.kind == "train" and (job.result or {}).get("path")]
+    return ok(saes=await asyncio.to_thread(sae_sources, daemon.paths.runs, trained))
+
+
+@operation("feature.list", slow=True, sae_dir=_SAE_DIR,
+           sort=Field(str, default="id", choices=_SORTS), descending=Field(bool),
+           search=Field(str, max_length=1000), limit=Field(int, default=100, min=1, max=10_000),
+           offset=Field(int, default=0, min=0, max=2**40),
+           scorer=Field(str, default="rule", max_length=1024))
+async def feature_list(daemon: Daemon, request: dict, _: Message, __: str) -> dict:
+    request = {**request, "sae_dir": _sae_path(daemon, request["sae_dir"])}
+    return ok(**await asyncio.to_thread(list_features, request))
+
+
+@operation("feature.show", slow=True, sae_dir=_SAE_DIR,
+           id=Field(int, required=True, min=0, max=2**31))
+async def feature_show(daemon: Daemon, request: dict, _: Message, __: str) -> dict:
+    sae_dir = _sae_path(daemon, request["sae_dir"])
+    return ok(**await asyncio.to_thread(show_feature, sae_dir, request["id"]))
+
+
+@operation("feature.search", slow=True, sae_dir=_SAE_DIR,
+           query=Field(str, required=True, max_length=1000),
+           limit=Field(int, default=10, min=1, max=1000))
+async def feature_search(daemon: Daemon, request: dict, _: Message, __: str) -> dict:
+    sae_dir = _sae_path(daemon, request["sae_dir"])
+    return ok(**await asyncio.to_thread(search_features, sae_dir, request["query"],
+                                        request["limit"]))
+
+
+def _sae_path(daemon: Daemon, value: str) -> str:
+    """An SAE directory as jobs name it: absolute, or relative to the daemon's runs/."""
+    if Path(value).is_absolute():
+        return value
+    return str(daemon.paths.runs / _relative_name(value, "sae_dir"))
+
+
+def list_features(request: dict) -> dict:
+    """A page of an SAE's features (`feature.list`, and `mistudio features`)."""
+    with _opened_store(request["sae_dir"]) as store:
+        features, total = store.list(request["sort"], request["descending"], request["search"],
+                                     request["limit"], request["offset"], request["scorer"])
+        return {"features": features, "total": total, "d_sae": store.d_sae,
+                "meta": store.meta}
+
+
+def show_feature(sae_dir: str, feature: int) -> dict:
+    """One feature's card (`feature.show`, and `mistudio feature`)."""
+    with _opened_store(sae_dir) as store:
+        try:
+            return {"feature": store.card(feature)}
+        except MistudioError as error:
+            if error.field == "feature":  # the request names it `id`
+                error.field = "id"
+            raise
+
+
+def search_features(sae_dir: str, query: str, limit: int) -> dict:
+    """Features whose explanations mean something close to `query` (`feature.search`, and
+    `mistudio features --semantic`)."""
+    from mistudio_core.explanation_index import search_explanations
+
+    with _naming_sae_dir():
+        return {"results": search_explanations(sae_dir, query, limit)}
+
+
+@contextlib.contextmanager
+def _opened_store(sae_dir: str):
+    from mistudio_core.feature_store import FeatureStore
+
+    with _naming_sae_dir():
+        store = FeatureStore(sae_dir)
+    try:
+        yield store
+    finally:
+        store.close()
+
+
+@contextlib.contextmanager
+def _naming_sae_dir():
+    """An SAE without features is the `sae_dir` field's fault (forms mark it)."""
+    try:
+        yield
+    except MistudioError as error:
+        if error.code == "not_found" and error.field is None:
+            error.field = "sae_dir"
+        raise
+
+
+def sae_sources(runs: Path, trained: list[str]) -> list[dict]:
+    """The SAE directories under `runs` (two levels deep) and those `trained` elsewhere,
+    newest first, each with what its cfg.json says and how far its features have got."""
+    candidates = [*runs.glob(f"*/{SAE_CONFIG_FILE}"), *runs.glob(f"*/*/{SAE_CONFIG_FILE}"),
+                  *(Path(path) / SAE_CONFIG_FILE for path in trained)]
+    found, seen = [], set()
+    for cfg_path in candidates:
+        directory = cfg_path.parent
+        key = directory.resolve()
+        if key in seen or not cfg_path.is_file():
+            continue
+        seen.add(key)
+        source = _sae_source(directory)
+        if source is not None:
+            found.append(source)
+    return sorted(found, key=lambda source: source["created_at"], reverse=True)
+
+
+def _sae_source(directory: Path) -> dict | None:
+    from mistudio_core.feature_store import FeatureStore, has_features
+
+    try:
+        cfg_path = directory / SAE_CONFIG_FILE
+        cfg = json.loads(cfg_path.read_text())
+        metadata = cfg.get("metadata") or {}
+        source = {"path": str(directory), "d_sae": int(cfg["d_sae"]),
+                  "model": metadata.get("model_name"), "hook": metadata.get("hook_name"),
+                  "has_features": has_features(directory), "n_explained": 0,
+                  "created_at": cfg_path.stat().st_mtime}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None  # not an SAE we can read: left out of the list
+    if source["has_features"]:
+        with contextlib.suppress(MistudioError, sqlite3.Error), \
+                contextlib.closing(FeatureStore(directory)) as store:
+            count = "SELECT count(DISTINCT feature) FROM explanations"
+            source["n_explained"] = store.db.execute(count).fetchone()[0]
+    return source

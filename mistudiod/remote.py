@@ -13,6 +13,7 @@ from pathlib import Path
 
 from mistudio_core.errors import MistudioError
 from mistudiod.client import Client
+from mistudiod.jobs import UNITS
 from mistudiod.protocol import FINISHED_STATES
 
 # Job errors that are the user's to fix (exit 2); anything else is a failed job (exit 1).
@@ -134,10 +135,10 @@ async def follow(client: Client, job_id: int, progress) -> dict:
             for entry in logs["logs"]:
                 progress.line(entry["message"])
                 shown_log = entry["id"]
-        if job["total_steps"]:  # steps of training, tokens of an evaluation
+        if job["total_steps"]:  # steps of training, tokens read, features done
             if progress.bar is None:
-                progress.start(job["kind"], job["total_steps"],
-                               unit="tok" if job["kind"] == "eval" else "step")
+                unit = UNITS.get(job["kind"], "it")
+                progress.start(job["kind"], job["total_steps"], unit=unit)
             progress.update(job["step"], total=job["total_steps"])
         if job["state"] in FINISHED_STATES:
             return job

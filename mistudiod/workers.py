@@ -20,12 +20,14 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from mistudio_core.errors import MistudioError
 from mistudiod.gpus import gpu_devices, has_gpus, job_gpu_memory
+from mistudiod.jobs import FEATURE_KINDS, UNITS
 from mistudiod.placement import Placer, estimate_train_bytes
 from mistudiod.queue import Job, JobQueue
 
@@ -58,6 +60,7 @@ class RunningJob:
     outcome: dict | None = None
     total: int = 0
     tokens_per_s: float = 0.0  # activations extracted and consumed per second, lately
+    last_progress: tuple[float, int] | None = None  # (monotonic time, done) of the last report
     killed_reason: str | None = None  # why the daemon SIGKILLed the worker, once it has
 
 
@@ -114,10 +117,28 @@ class WorkerPool:
             for job in queued:
                 if self.stopping or len(self.running) >= self.settings.max_jobs:
                     break
+                ahead = self._ahead_on_same_sae(job, queued)
+                if ahead is not None:
+                    if job.id not in self._waiting:
+                        self._waiting.add(job.id)
+                        self._log(job, f"waiting for job {ahead}, on the same SAE's features")
+                    continue
                 await self._try_start(job)
             ids = {job.id for job in queued}
             self._estimates = {i: e for i, e in self._estimates.items() if i in ids}
             self._waiting &= ids
+
+    def _ahead_on_same_sae(self, job: Job, queued: list[Job]) -> int | None:
+        """An earlier job, running or queued, on the features of the SAE that `job` works on.
+
+        find writes the features that explain reads, explain the explanations that score and
+        correlate read: jobs on one SAE's features run in the order they were submitted, so a
+        pipeline submitted at once (`--detach`) works whatever the number of slots."""
+        if job.kind not in FEATURE_KINDS:
+            return None
+        earlier = [r.job for r in self.running.values()] + [j for j in queued if j.id < job.id]
+        return next((j.id for j in earlier if j.kind in FEATURE_KINDS
+                     and j.params.get("sae_dir") == job.params.get("sae_dir")), None)
 
     async def _try_start(self, job: Job) -> None:
         """Place a queued job, then claim and start it; a job that can never run fails."""
@@ -229,15 +250,30 @@ class WorkerPool:
             self.queue.progress(job.id, job.attempt, int(payload["step"]), running.total,
                                 payload)
             self.publish(f"job.{job.id}.metrics", {"job_id": job.id, "point": payload})
-        elif kind == "progress":  # an evaluation's tokens, out of its own total
-            self.queue.progress(job.id, job.attempt, int(payload.get("tokens", 0)),
-                                int(payload.get("total") or running.total))
+        elif kind == "progress":  # tokens read or features done, out of the latest total
+            done = int(payload.get("done", payload.get("tokens", 0)))
+            running.total = int(payload.get("total") or running.total)
+            self._measure_throughput(running, done)
+            self.queue.progress(job.id, job.attempt, done, running.total)
             self._publish_state(job.id)
         elif kind == "checkpoint":
             self._log(job, f"checkpoint at step {payload.get('step')}")
         elif kind == "done":
             running.outcome = payload
             running.done.set()
+
+    @staticmethod
+    def _measure_throughput(running: RunningJob, done: int) -> None:
+        """Tokens per second between a token-counting job's last two progress reports (find
+        and eval read the model's activations as training does: the extraction gauge)."""
+        if UNITS.get(running.job.kind) != "tok":
+            return
+        now = time.monotonic()
+        if running.last_progress is not None:
+            then, before = running.last_progress
+            if now > then and done >= before:
+                running.tokens_per_s = (done - before) / (now - then)
+        running.last_progress = (now, done)
 
     def _log(self, job: Job, message: str, level: str = "info") -> None:
         entry = self.queue.add_log(job.id, job.attempt, message, level)

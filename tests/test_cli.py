@@ -217,14 +217,15 @@ def test_ctrl_c_while_following_leaves_the_job_running(capsys, tmp_path, monkeyp
     assert "--resume" not in document["error"]["hint"]
 
 
-def test_following_an_eval_moves_its_bar_in_tokens():
+@pytest.mark.parametrize(("kind", "unit"), [("eval", "tok"), ("explain", "feature")])
+def test_following_a_job_moves_its_bar_in_the_kinds_unit(kind, unit):
     import asyncio
 
     from mistudiod import remote
     from mistudiod.client import Event
 
     def state(step, state):
-        job = {"id": 3, "kind": "eval", "state": state, "step": step, "total_steps": 500}
+        job = {"id": 3, "kind": kind, "state": state, "step": step, "total_steps": 500}
         return Event("job.3.state", {"job": job}, step, "d", False)
 
     class Client:
@@ -241,7 +242,7 @@ def test_following_an_eval_moves_its_bar_in_tokens():
 
         def start(self, description, total, unit):
             self.bar = object()
-            self.calls.append(("start", total, unit))
+            self.calls.append(("start", description, total, unit))
 
         def update(self, position, total=None):
             self.calls.append(("update", position))
@@ -249,7 +250,7 @@ def test_following_an_eval_moves_its_bar_in_tokens():
     progress = Progress()
     job = asyncio.run(remote.follow(Client(), 3, progress))
     assert job["state"] == "succeeded"
-    assert progress.calls == [("start", 500, "tok"), ("update", 0), ("update", 200),
+    assert progress.calls == [("start", kind, 500, unit), ("update", 0), ("update", 200),
                               ("update", 500)]
 
 

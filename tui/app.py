@@ -21,9 +21,12 @@ from mistudio_core.errors import MistudioError
 from tui.link import DaemonLink
 from tui.screens.confirm import ConfirmScreen
 from tui.screens.dashboard import DashboardScreen
+from tui.screens.feature_card import FeatureCardScreen
+from tui.screens.features import FeaturesScreen, sae_dir_of
 from tui.screens.help import HelpScreen
 from tui.screens.job_detail import JobScreen
 from tui.screens.new_job import NewJobScreen
+from tui.screens.sae_picker import SaePickerScreen
 from tui.state import DaemonState
 
 THEMES = ("textual-dark", "textual-light")
@@ -31,7 +34,9 @@ THEMES = ("textual-dark", "textual-light")
 
 class MistudioApp(App):
     TITLE = "miStudio"
-    CSS_PATH = ["app.tcss", "widgets/status_line.tcss", "widgets/gpu_panel.tcss"]
+    CSS_PATH = ["app.tcss", "widgets/status_line.tcss", "widgets/gpu_panel.tcss",
+                "widgets/request_error.tcss", "widgets/token_text.tcss",
+                "widgets/activation_histogram.tcss"]
     HORIZONTAL_BREAKPOINTS = [(130, "-wide")]
     VERTICAL_BREAKPOINTS = [(40, "-tall")]
     BINDINGS = [
@@ -67,7 +72,15 @@ class MistudioApp(App):
         yield SystemCommand("Dashboard", "GPUs, jobs and loss curves", self.action_dashboard)
         yield SystemCommand("New training job", "the form, with the memory preflight",
                             self.action_new_job)
+        yield SystemCommand("Browse features", "an SAE's features: sort, search, open a card",
+                            self.open_features)
         yield SystemCommand("Help", "what each screen does, and its keys", self.action_help)
+        saes = list(dict.fromkeys(sae_dir_of(job) for job in self.state.jobs_newest_first()
+                                  if job["kind"] in ("train", "find")
+                                  and job["state"] == "succeeded"))
+        for sae_dir in filter(None, saes):
+            yield SystemCommand(f"Browse features of {sae_dir}", "its features list",
+                                partial(self.open_features, sae_dir))
         for job in self.state.jobs_newest_first():
             label = f"{job['kind']} job {job['id']} ({job['state']})"
             yield SystemCommand(f"Open {label}", "its curves, log and result",
@@ -86,6 +99,22 @@ class MistudioApp(App):
             self.switch_screen(JobScreen(job_id))
         else:
             self.push_screen(JobScreen(job_id))
+
+    def open_features(self, sae_dir: str | None = None) -> None:
+        """The features of the SAE in `sae_dir` (a directory on the daemon's machine), or
+        with none, the list of SAEs to choose from."""
+        if sae_dir is None:
+            if not isinstance(self.screen, SaePickerScreen):
+                self.push_screen(SaePickerScreen())
+        elif not (isinstance(self.screen, FeaturesScreen) and self.screen.sae_dir == sae_dir):
+            self.push_screen(FeaturesScreen(sae_dir))
+
+    def open_feature(self, sae_dir: str, feature_id: int) -> None:
+        """A feature's card, over the screen it was chosen from (escape goes back there)."""
+        screen = self.screen
+        if not (isinstance(screen, FeatureCardScreen) and screen.sae_dir == sae_dir
+                and screen.feature_id == feature_id):
+            self.push_screen(FeatureCardScreen(sae_dir, feature_id))
 
     def action_dashboard(self) -> None:
         while not isinstance(self.screen, DashboardScreen) and len(self.screen_stack) > 2:

@@ -22,6 +22,7 @@ class DashboardScreen(DaemonScreen):
     BINDINGS = [
         Binding("n", "app.new_job", "New job"),
         Binding("c", "cancel_selected", "Cancel job"),
+        Binding("f", "features", "Features"),
     ]
 
     def __init__(self) -> None:
@@ -71,6 +72,10 @@ class DashboardScreen(DaemonScreen):
     @on(DataTable.RowSelected, "#jobs")
     def _open_job(self, event: DataTable.RowSelected) -> None:
         self.app.open_job(int(event.row_key.value))
+
+    def action_features(self) -> None:
+        """The SAEs to browse the features of (a job's own: `f` on its screen)."""
+        self.app.open_features()
 
     def action_cancel_selected(self) -> None:
         job_id = self.query_one(JobsTable).selected_job

@@ -18,6 +18,7 @@ from mistudio_core.errors import MistudioError
 from mistudiod.protocol import FINISHED_STATES
 from tui import format
 from tui.screens.base import DaemonScreen
+from tui.screens.features import sae_dir_of
 from tui.widgets.jobs_table import STATE_STYLES, short_hook
 from tui.widgets.metric_chart import MetricChart
 
@@ -32,6 +33,7 @@ class JobScreen(DaemonScreen):
         Binding("escape", "app.pop_screen", "Back"),
         Binding("c", "cancel", "Cancel job"),
         Binding("l", "toggle_log", "Log"),
+        Binding("f", "features", "Features"),
     ]
 
     def __init__(self, job_id: int) -> None:
@@ -136,6 +138,15 @@ class JobScreen(DaemonScreen):
 
     def action_cancel(self) -> None:
         self.app.cancel_job(self.job_id)
+
+    def action_features(self) -> None:
+        """The features of the SAE this job made (once it has) or worked on."""
+        sae_dir = sae_dir_of(self.job) if self.job else None
+        if sae_dir is None:
+            self.notify("only a succeeded training job, or a job on an SAE, has features",
+                        title="no SAE to browse", severity="warning")
+        else:
+            self.app.open_features(sae_dir)
 
     def action_toggle_log(self) -> None:
         log = self.query_one("#job-log", Log)

@@ -1,0 +1,112 @@
+"""Which SAE's features to browse: the SAEs the daemon knows (`feature.sources`: directories
+under its runs directory and the results of its training jobs), newest first, those with found
+features marked. Enter opens the features browser; an SAE without features says how to find
+them instead."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from rich.text import Text
+from textual import on, work
+from textual.binding import Binding
+from textual.widget import Widget
+from textual.widgets import DataTable, Static
+
+from mistudio_core import units
+from mistudio_core.errors import MistudioError
+from tui import format
+from tui.screens.base import DaemonScreen
+from tui.state import Connection
+from tui.widgets.jobs_table import short_hook
+from tui.widgets.request_error import RequestError
+
+COLUMNS = ("SAE", "model", "hook", "features", "explained")
+
+
+class SaeTable(DataTable):
+    BINDINGS = [Binding("enter", "select_cursor", "Browse features")]
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(cursor_type="row", zebra_stripes=True, **kwargs)
+
+
+class SaePickerScreen(DaemonScreen):
+    CSS_PATH = "sae_picker.tcss"
+    BINDINGS = [
+        Binding("escape", "app.pop_screen", "Back"),
+        Binding("r", "reload", "Reload"),
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.saes: dict[str, dict] = {}  # by path
+        self._failed = False
+
+    def body(self) -> Iterable[Widget]:
+        yield Static("Choose an SAE (newest first).", id="picker-note")
+        yield SaeTable(id="saes")
+        yield RequestError(id="picker-error")
+
+    def on_mount(self) -> None:
+        self.sub_title = "features"
+        table = self.query_one(SaeTable)
+        for column in COLUMNS:
+            table.add_column(column, key=column)
+        table.focus()
+        self.state.connection_changed.subscribe(self, self._on_connection)
+        self.action_reload()
+
+    def action_reload(self) -> None:
+        self._fetch()
+
+    @work(group="sources", exclusive=True)
+    async def _fetch(self) -> None:
+        try:
+            reply = await self.link.request("feature.sources")
+        except MistudioError as error:
+            self._failed = True
+            self.query_one(RequestError).show("cannot list the SAEs", error)
+            return
+        self._failed = False
+        self.query_one(RequestError).clear()
+        self.show_sources(reply["saes"])
+
+    def show_sources(self, saes: list[dict]) -> None:
+        """Rows for a `feature.sources` reply's SAEs, in its order (newest first)."""
+        self.saes = {sae["path"]: sae for sae in saes}
+        table = self.query_one(SaeTable)
+        table.clear()
+        for sae in saes:
+            table.add_row(*cells(sae), key=sae["path"])
+        note = ("Choose an SAE (newest first)." if saes else
+                "No SAE yet: train one (n on the dashboard), then find its features with "
+                "`mistudio find SAE_DIR --model M --corpus C`.")
+        self.query_one("#picker-note", Static).update(note)
+
+    def _on_connection(self, connection: Connection) -> None:
+        if connection.connected and self._failed and self.is_current:
+            self.action_reload()
+
+    def redraw(self) -> None:
+        if self._failed and self.link.connected:
+            self.action_reload()
+
+    @on(DataTable.RowSelected, "#saes")
+    def _open(self, event: DataTable.RowSelected) -> None:
+        sae = self.saes[event.row_key.value]
+        if sae.get("has_features"):
+            self.app.open_features(sae["path"])
+        else:
+            self.notify(f"`mistudio find {sae['path']} --model M --corpus C` finds them",
+                        title="no features found for this SAE yet", severity="warning")
+
+
+def cells(sae: dict) -> tuple:
+    """The SAE as its last two path parts (`runs/pythia-l6`), so the table fits 80 columns."""
+    path = "/".join(sae["path"].rstrip("/").split("/")[-2:])
+    explained = (Text(f"{units.count(sae.get('n_explained') or 0)}") if sae.get("has_features")
+                 else Text("not found yet", style="dim"))
+    return (Text(path, style="" if sae.get("has_features") else "dim"),
+            format.last_part(sae.get("model")), short_hook(sae.get("hook")),
+            units.count(sae.get("d_sae")), explained)
