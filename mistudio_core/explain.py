@@ -274,6 +274,10 @@ def _context(ids: np.ndarray, acts: np.ndarray, on_named: np.ndarray) -> dict[in
     return {token: round(share_of[token], 3) for token in context}
 
 
+# Byte-level tokens that are part of a character decode to U+FFFD alone: unreadable in a line.
+_UNREADABLE = "\ufffd"
+
+
 def _promoted_tokens(store: FeatureStore, features: list[int]) -> list[list[str]]:
     ids, values = store.array("promoted_ids"), store.array("promoted_values")
     if ids is None:
@@ -285,7 +289,7 @@ def _promoted_tokens(store: FeatureStore, features: list[int]) -> list[list[str]
     for row_ids, row_values in zip(rows_ids, rows_values, strict=True):
         texts = [text for text, value in zip(store.token_texts(row_ids.tolist()),
                                              row_values.tolist(), strict=True)
-                 if text and value > 0]
+                 if text and value > 0 and _UNREADABLE not in text]
         out.append(texts[:_MAX_PROMOTED])
     return out
 

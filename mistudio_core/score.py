@@ -124,7 +124,11 @@ class HeldOut:
 def held_out_examples(store: FeatureStore, features: Sequence[int],
                       vocabulary: Vocabulary) -> dict[int, HeldOut]:
     """The held-out examples of several features, from one read of each array (so scoring
-    thousands of features reads the arrays in a few large slices, not example by example)."""
+    thousands of features reads the arrays in a few large slices, not example by example).
+
+    A quantile sample can be the very span a top example shows (always so for a feature that
+    fired a handful of times): such samples are left out, so that an explanation is never
+    scored on the text it was written from."""
     rows = np.asarray(features, dtype=np.int64)
     sets = []
     for name in ("quantile", "negative"):
@@ -132,10 +136,21 @@ def held_out_examples(store: FeatureStore, features: Sequence[int],
         sets.append((np.asarray(store.array(f"{name}_tokens")[rows]),
                      np.asarray(store.array(f"{name}_acts")[rows], dtype=np.float32),
                      values, ~np.isnan(values)))
+    width = sets[0][0].shape[-1]
+    if store.array("top_tokens") is None:
+        top_tokens = np.zeros((len(rows), 0, width), dtype=np.int32)
+        top_filled = np.zeros((len(rows), 0), dtype=bool)
+    else:
+        top_tokens = np.asarray(store.array("top_tokens")[rows])
+        top_filled = ~np.isnan(np.asarray(store.array("top_values")[rows]))
     held_out = {}
     for row, feature in enumerate(features):
-        parts = [(tokens[row][filled[row]], acts[row][filled[row]], values[row][filled[row]])
-                 for tokens, acts, values, filled in sets]
+        quantile_tokens, _, _, quantile_filled = sets[0]
+        shown = top_tokens[row][top_filled[row]]
+        seen = (quantile_tokens[row][:, None, :] == shown[None]).all(-1).any(-1)
+        unseen = [quantile_filled[row] & ~seen, sets[1][3][row]]
+        parts = [(tokens[row][keep], acts[row][keep], values[row][keep])
+                 for (tokens, acts, values, _), keep in zip(sets, unseen, strict=True)]
         held_out[feature] = HeldOut(*(np.concatenate(column) for column in zip(*parts,
                                                                                 strict=True)),
                                     n_activating=len(parts[0][2]), vocabulary=vocabulary)

@@ -588,9 +588,10 @@ def _render_gpu(_args, document: dict) -> str:
 
 
 def _render_jobs(_args, document: dict) -> str:
-    return "\n".join([f"{'ID':>5}  {'STATE':<10} {'KIND':<6} {'PROGRESS':>8}  MODEL"] + [
-        f"{j['id']:>5}  {j['state']:<10} {j['kind']:<6} {100 * j['progress']:>7.1f}%  "
-        f"{j['params'].get('model', '')}" for j in document["jobs"]])
+    return "\n".join([f"{'ID':>5}  {'STATE':<10} {'KIND':<9} {'PROGRESS':>8}  MODEL / SAE"] + [
+        f"{j['id']:>5}  {j['state']:<10} {j['kind']:<9} {100 * j['progress']:>7.1f}%  "
+        f"{j['params'].get('model') or j['params'].get('sae_dir') or ''}"
+        for j in document["jobs"]])
 
 
 def _render_job_action(args, document: dict) -> str:

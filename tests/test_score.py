@@ -20,6 +20,7 @@ from mistudio_core.feature_store import PAD_TOKEN, FeatureStore
 from mistudio_core.score import (
     Vocabulary,
     distribution,
+    held_out_examples,
     pearson,
     roc_auc,
     rule_predictions,
@@ -35,6 +36,10 @@ ACTIVATING = [  # the held-out quantile examples of the cat features
     [PAD, PAD, "The", " big", " cat", " ran", " away", "."],
     [" the", " cat", " sat", ".", "The", " cat", " ran", "."],
     ["The", " tree", " grew", " tall", ".", "The", " cat", " sat"],
+]
+TOP = [  # what the explanations were written from: other spans than the held-out ones
+    ["The", " cat", " ran", ".", PAD, PAD, PAD, PAD],
+    [" A", " big", " cat", " sat", ".", PAD, PAD, PAD],
 ]
 NEGATIVE = [  # no " cat", and (for the hashing embedder) no character n-gram of "cat"
     [" A", " dog", " ran", " away", ".", PAD, PAD, PAD],
@@ -74,7 +79,7 @@ def sae_dir(tmp_path):
     store.write_vocabulary(VOCAB)
     fired = np.array([N_CAT if f in CAT_FEATURES else 0 for f in range(d_sae)])
     store.write_statistics(fired, (fired > 0).astype(float), fired.astype(float), n_tokens=1000)
-    store.write_examples("top", *_example_set(ACTIVATING, 4, CAT_FEATURES, d_sae))
+    store.write_examples("top", *_example_set(TOP, 2, CAT_FEATURES, d_sae))
     store.write_examples("quantile",
                          *_example_set(ACTIVATING, QUANTILE_SLOTS, CAT_FEATURES, d_sae))
     store.write_examples("negative", *_example_set(NEGATIVE, 3, (*CAT_FEATURES, 3), d_sae))
@@ -401,10 +406,23 @@ def test_an_interrupted_job_keeps_its_saved_batches_and_resumes(sae_dir):
         "detection scores of 4 stats explanations: median balanced accuracy 1.00")
 
 
+def test_a_quantile_sample_that_is_a_top_example_is_not_held_out(tmp_path):
+    store = FeatureStore.create(tmp_path, {"d_sae": 1, "per_quantile": 1})
+    store.write_vocabulary(VOCAB)
+    store.write_examples("top", *_example_set(ACTIVATING[:1], 1, (0,), 1))
+    store.write_examples("quantile", *_example_set(ACTIVATING[:2], 2, (0,), 1))
+    store.write_examples("negative", *_example_set(NEGATIVE, 3, (0,), 1))
+    held_out = held_out_examples(store, [0], Vocabulary(VOCAB))[0]
+    assert held_out.n_activating == 1  # ACTIVATING[0] is the top example: left out
+    assert [e.tokens for e in held_out.activating] == [
+        ["" if t is None else t for t in ACTIVATING[1]]]
+    assert len(held_out.negative) == len(NEGATIVE)
+
+
 def test_a_store_without_held_out_examples_is_refused(tmp_path):
     store = FeatureStore.create(tmp_path, {"d_sae": 1})
     store.write_vocabulary(VOCAB)
-    store.write_examples("top", *_example_set(ACTIVATING, 4, (0,), 1))
+    store.write_examples("top", *_example_set(TOP, 2, (0,), 1))
     store.save_explanations("stats", [(0, 'fires on " cat"', {})])
     store.close()
     with pytest.raises(MistudioError) as caught:

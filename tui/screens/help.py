@@ -13,12 +13,15 @@ ABOUT = """\
 # miStudio
 
 A terminal dashboard for the miStudio daemon (`mistudiod`): it trains sparse autoencoders on a
-language model's activations and shows their progress live.
+language model's activations, shows their progress live, and browses the features they learn.
 
 - **Dashboard**: the GPUs (or the CPU when there is none), every job, the loss of running jobs.
 - **New job**: a training job's form; fields are checked as you type and the memory preflight
   says whether the model fits before you submit.
 - **Job detail**: live loss, L0, FVE and dead-latent curves, the log, the result when done.
+- **Features** (`f`): an SAE's features, sorted and searched (`~` searches by meaning); a
+  feature's card shows its top examples shaded by activation, its range, histogram, logit
+  effects, explanations, scores and neighbours, and explains or scores it again.
 
 The TUI never waits on the network: when the daemon stops, the status line says
 *disconnected, retrying*, and everything resyncs when it is back. `ctrl+p` opens the command
