@@ -35,6 +35,10 @@ VOCAB_FILE = "vocab.json"
 EXAMPLE_SETS = ("top", "quantile", "negative")
 NEIGHBOUR_KINDS = ("decoder", "cooccurrence")
 PAD_TOKEN = -1  # token id of example positions outside the text
+_LISTED = ("SELECT f.id, f.n_fired, f.density, f.max_act, f.mean_act, f.explainer,"
+           " f.explanation, s.value")
+_LISTED_KEYS = ("id", "n_fired", "density", "max_act", "mean_act", "explainer", "explanation",
+                "score")
 SORTS = {"id": "f.id", "density": "f.density", "max": "f.max_act", "mean": "f.mean_act",
          "score": "s.value"}
 
@@ -383,17 +387,36 @@ class FeatureStore:
                 args.append(int(search))
         total = self.db.execute(f"SELECT count(*) FROM features f {where}", args[1:]).fetchone()[0]
         direction = "DESC" if descending else "ASC"
-        order = f"{SORTS[sort]} {direction}, f.id"
-        if sort == "score":  # unscored features last, whichever the direction
-            order = f"s.value IS NULL, {order}"
+        if sort == "score":
+            return self._list_by_score(where, args, direction, limit, offset), total
         rows = self.db.execute(
-            "SELECT f.id, f.n_fired, f.density, f.max_act, f.mean_act, f.explainer, f.explanation,"
-            " s.value FROM features f LEFT JOIN scores s ON s.feature = f.id AND s.scorer = ?"
-            f" AND s.explainer = f.explainer {where} ORDER BY {order} LIMIT ? OFFSET ?",
-            [*args, limit, offset])
-        keys = ("id", "n_fired", "density", "max_act", "mean_act", "explainer", "explanation",
-                "score")
-        return [dict(zip(keys, row, strict=True)) for row in rows], total
+            f"{_LISTED} FROM features f LEFT JOIN scores s ON s.feature = f.id AND s.scorer = ?"
+            f" AND s.explainer = f.explainer {where} ORDER BY {SORTS[sort]} {direction}, f.id"
+            " LIMIT ? OFFSET ?", [*args, limit, offset])
+        return [dict(zip(_LISTED_KEYS, row, strict=True)) for row in rows], total
+
+    def _list_by_score(self, where: str, args: list, direction: str, limit: int,
+                       offset: int) -> list[dict]:
+        """A page by score, the scored features first, then the unscored ones by id.
+
+        The scored part walks the scores index in order (sorting 65k joined rows instead took
+        a quarter of a second); the unscored part, read only past the scored ones, starts where
+        they end."""
+        scored_join = ("FROM scores s JOIN features f ON f.id = s.feature AND"
+                       " f.explainer = s.explainer WHERE s.scorer = ? AND s.value IS NOT NULL"
+                       + where.replace("WHERE", " AND (", 1) + (")" if where else ""))
+        rows = list(self.db.execute(
+            f"{_LISTED} {scored_join} ORDER BY s.value {direction}, s.feature {direction}"
+            " LIMIT ? OFFSET ?", [*args, limit, offset]))
+        if len(rows) < limit:  # past the scored features: count them to know where to go on
+            n_scored = self.db.execute(f"SELECT count(*) {scored_join}", args).fetchone()[0]
+            unscored = ("WHERE s.value IS NULL" + where.replace("WHERE", " AND (", 1)
+                        + (")" if where else ""))
+            rows += self.db.execute(
+                f"{_LISTED} FROM features f LEFT JOIN scores s ON s.feature = f.id AND"
+                f" s.scorer = ? AND s.explainer = f.explainer {unscored} ORDER BY f.id"
+                " LIMIT ? OFFSET ?", [*args, limit - len(rows), max(0, offset - n_scored)])
+        return [dict(zip(_LISTED_KEYS, row, strict=True)) for row in rows]
 
 
 def parse_features(text: str | None, d_sae: int) -> list[int] | None:
@@ -441,7 +464,7 @@ def _connect(path: Path) -> sqlite3.Connection:
     db["scores"].create({"feature": int, "scorer": str, "explainer": str, "value": float,
                          "details": str, "created_at": float},
                         pk=("feature", "scorer", "explainer"), if_not_exists=True)
-    db["scores"].create_index(["scorer", "explainer", "value"], if_not_exists=True)
+    db["scores"].create_index(["scorer", "value", "feature"], if_not_exists=True)
     return connection
 
 

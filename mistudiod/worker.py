@@ -93,9 +93,9 @@ def main() -> int:
     # SIGTERM (a cancel) ends the job like Ctrl-C ends a local run.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     if spec.get("threads"):
-        import torch
-
-        torch.set_num_threads(spec["threads"])
+        # Torch reads this when a job first imports it; setting it, rather than calling
+        # torch.set_num_threads, spares the jobs that need no torch (explain, score) loading it.
+        os.environ["OMP_NUM_THREADS"] = str(spec["threads"])
     report = Reporter(spec)
     stop = threading.Event()
     threading.Thread(target=_heartbeats, args=(report, spec["heartbeat_s"], stop),

@@ -428,3 +428,15 @@ def test_a_store_without_held_out_examples_is_refused(tmp_path):
     with pytest.raises(MistudioError) as caught:
         score_features(tmp_path, "rule")
     assert "mistudio find" in caught.value.hint
+
+
+def test_explain_and_score_jobs_load_no_torch():
+    """A worker that only explains or scores starts in a fraction of a second: no torch."""
+    import subprocess
+    import sys
+
+    code = ("import sys, mistudiod.worker, mistudio_core.explain, mistudio_core.score;"
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            check=True).stdout.strip()
+    assert loaded == "[]"
