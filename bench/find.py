@@ -8,10 +8,10 @@ radius 12, 10 x 4 quantile samples, 20 negatives, exact co-occurrence up to 1638
 run on the same batches, interleaved (rotated order every round); every round uses a fresh batch
 so the recorder never sees the same data twice; the recorder is first filled with `--fill`
 batches (48: about 100k tokens, a tenth of find's default run). A batch costs the recorder less
-as it fills, since fewer peaks beat each feature's top-k bar and fewer spans are built: with 8
-fill batches the ratio measured 0.78-0.80 here, with 48 0.86, and a whole run averages more than
-its tenth-of-the-way batches. The first batch into an empty recorder, when every peak enters the
-top-k, is timed separately for reference.
+as it fills, since fewer peaks beat each feature's top-k bar and fewer spans are built: on the
+2-core CPU the ratio measured 0.83-0.87 with 8 fill batches and 0.86 with 48, and a whole run
+averages more than its tenth-of-the-way batches. The first batch into an empty recorder, when
+every peak enters the top-k, is timed separately for reference.
 Ratio = encode throughput with recording / encode throughput alone. Target: >= 0.8.
 
 (b) Card load. A finished store for `--card-features` features (default 65536) is written with

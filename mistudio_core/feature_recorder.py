@@ -278,7 +278,6 @@ class FeatureRecorder:
         # (pool window * d_sae + feature) of every feature active somewhere in a pooled span.
         self.pool_features = torch.zeros(0, dtype=torch.long, device=self.device)
         self.cooccurrence = CooccurrenceCounter(d_sae, self.device)
-        self._offsets = torch.arange(-config.radius, config.radius + 1, device=self.device)
 
     # ----- one batch ---------------------------------------------------------------------------
 
@@ -334,7 +333,7 @@ class FeatureRecorder:
         def spans(index: torch.Tensor) -> dict[str, torch.Tensor]:
             acts = batch.span_acts(feature[index], window[index], centre[index],
                                    self.config.radius)
-            return {"tokens": batch.span_tokens(window[index], centre[index], self._offsets),
+            return {"tokens": batch.span_tokens(window[index], centre[index], self.config.radius),
                     "acts": acts.clamp(max=_FLOAT16_MAX), "values": value[index]}
 
         self.top.offer(feature, window, batch.n_windows, value.double(), spans)
@@ -352,7 +351,7 @@ class FeatureRecorder:
         entered = self.pool.offer(
             torch.zeros_like(window), window, batch.n_windows,
             _hash(self.config.seed, _SALT_POOL, global_window).double(),
-            lambda index: {"tokens": batch.span_tokens(index, centre[index], self._offsets),
+            lambda index: {"tokens": batch.span_tokens(index, centre[index], self.config.radius),
                            "window": global_window[index]})
         pooled = self.pool.payload["window"][0]
         kept = self.pool_features[torch.isin(self.pool_features // self.d_sae, pooled)]
@@ -507,12 +506,11 @@ class _Batch:
             self.values[index]
 
     def span_tokens(self, window: torch.Tensor, centre: torch.Tensor,
-                    offsets: torch.Tensor) -> torch.Tensor:
-        """Token ids [n, width] around (window, centre), PAD_TOKEN outside the window."""
-        position = centre[:, None] + offsets
-        inside = (position >= 0) & (position < self.context)
-        flat = window[:, None] * self.context + position.clamp(0, self.context - 1)
-        return torch.where(inside, self.token_ids.view(-1)[flat], PAD_TOKEN).to(torch.int32)
+                    radius: int) -> torch.Tensor:
+        """Token ids [n, 2 * radius + 1] around (window, centre), PAD_TOKEN outside the window:
+        one gather from a view of every window's spans (the padded windows, unfolded)."""
+        padded = torch.nn.functional.pad(self.token_ids, (radius, radius), value=PAD_TOKEN)
+        return padded.unfold(1, 2 * radius + 1, 1)[window, centre].to(torch.int32)
 
     def span_acts(self, feature: torch.Tensor, window: torch.Tensor, centre: torch.Tensor,
                   radius: int) -> torch.Tensor:
