@@ -28,7 +28,6 @@ from mistudio_core.embeddings import HASHING
 from mistudio_core.errors import MistudioError
 from mistudio_core.explanation_index import build_explanation_index, drop_explanation_index
 from mistudio_core.feature_store import FeatureStore, has_features
-from mistudio_core.hooks import HookPoint
 from mistudio_core.models import ModelSpec, load_config, load_model
 from mistudio_core.progress import Callback, silent
 from mistudio_core.sae import LoadedSAE, load_sae
@@ -143,23 +142,19 @@ def features_on_text(sae_dir: str | Path, model: ModelSpec, text: str, top: int 
     if not text.strip():
         raise MistudioError("the text is empty", hint="give some text to read", field="text")
     loaded = load_sae(sae_dir)
-    hook = _hook_of(loaded)
+    hook = loaded.hook()
     config = load_config(model)
-    d_in = loaded.sae.config.d_in
-    if int(config.hidden_size) != d_in:
-        raise MistudioError(
-            f"the SAE reads {d_in}-wide activations but {model.model_id} has width "
-            f"{config.hidden_size}",
-            hint=f"use the model the SAE was trained on ({loaded.metadata.model_name or '?'})",
-            code="bad_sae", field="model")
+    loaded.check_width(config.hidden_size, model.model_id)
     hooked = load_model(model, up_to_layer=hook.layer, config=config)
     ids = _token_ids(hooked.tokenizer, text, loaded)
-    activations = hooked.activations(torch.tensor([ids]), [hook])[hook][0]
-    sae = loaded.sae.to(hooked.device)
-    codes = sae.encode(activations.float()).float().cpu()  # [n_tokens, d_sae]
     special = set(hooked.tokenizer.all_special_ids)
     shown = [position for position, token in enumerate(ids) if token not in special]
-    codes = codes[shown]
+    if not shown:
+        raise MistudioError("the text has only special tokens, which the SAE is not shown",
+                            hint="give some ordinary text to read", field="text")
+    activations = hooked.activations(torch.tensor([ids]), [hook])[hook][0]
+    sae = loaded.sae.to(hooked.device)
+    codes = sae.encode(activations.float()).float().cpu()[shown]  # [n_tokens, d_sae]
 
     per_token = [_strongest(row, top) for row in codes]
     fired = (codes > 0).sum(0)
@@ -202,14 +197,6 @@ def _result(store: FeatureStore, ids: np.ndarray, cosines: np.ndarray, config: C
 
 
 # ----- features_on_text's parts --------------------------------------------------------------
-
-
-def _hook_of(loaded: LoadedSAE) -> HookPoint:
-    if not loaded.metadata.hook_name:
-        raise MistudioError(f"the SAE in {loaded.path} does not say which hook it reads",
-                            hint="its cfg.json needs metadata.hook_name (layers.L.SITE)",
-                            code="bad_sae")
-    return HookPoint.parse(loaded.metadata.hook_name)
 
 
 def _token_ids(tokenizer, text: str, loaded: LoadedSAE) -> list[int]:

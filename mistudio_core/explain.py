@@ -171,10 +171,9 @@ class StatsExplainer:
         if self._representatives is None or self._representatives[0] is not vocab:
             self._representatives = (vocab, _representative_ids(vocab))
         lookup = self._representatives[1]
-        token_ids = np.asarray(store.array("top_tokens")[features]).astype(np.int64)
+        token_ids, acts, values = store.example_arrays("top", features)
+        token_ids = token_ids.astype(np.int64)
         token_ids = lookup[np.where((token_ids >= 0) & (token_ids < len(vocab)), token_ids, -1)]
-        acts = np.asarray(store.array("top_acts")[features], dtype=np.float32)
-        values = np.asarray(store.array("top_values")[features])
         promoted = _promoted_tokens(store, features)
         return [_explain_tokens(feature, token_ids[row], acts[row], values[row], promoted[row],
                                 vocab)

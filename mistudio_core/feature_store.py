@@ -96,8 +96,16 @@ class FeatureStore:
                 code="not_found",
             )
         self.db = _connect(self.directory / DB_FILE)
-        self.meta = {row[0]: json.loads(row[1]) for row in self.db.execute("SELECT * FROM meta")}
-        self.d_sae = int(self.meta["d_sae"])
+        try:
+            self.meta = {row[0]: json.loads(row[1])
+                         for row in self.db.execute("SELECT * FROM meta")}
+            self.d_sae = int(self.meta["d_sae"])
+        except (sqlite3.Error, KeyError, ValueError) as exc:  # a find stopped while creating it
+            self.db.close()
+            raise MistudioError(
+                f"the features of the SAE in {self.sae_dir} are incomplete ({exc})",
+                hint=f"run `mistudio find {self.sae_dir} --model M --corpus C` again",
+                code="not_found") from exc
         self._arrays: dict[str, np.ndarray] = {}
         self._vocab: list[str] | None = None
 
@@ -107,9 +115,10 @@ class FeatureStore:
         scores dropped: they describe examples that no longer exist). `meta` needs `d_sae`."""
         directory = Path(sae_dir).expanduser() / FEATURES_DIR
         directory.mkdir(parents=True, exist_ok=True)
-        for stale in [*directory.glob("*.npy"), directory / DB_FILE, directory / VOCAB_FILE]:
+        stale_db = [directory / f"{DB_FILE}{suffix}" for suffix in ("", "-wal", "-shm")]
+        for stale in [*directory.glob("*.npy"), *stale_db, directory / VOCAB_FILE]:
             stale.unlink(missing_ok=True)
-        db = _connect(directory / DB_FILE)
+        db = _connect(directory / DB_FILE, create=True)
         with db:
             db.executemany("INSERT INTO meta VALUES (?, ?)",
                            [(key, json.dumps(value)) for key, value in meta.items()])
@@ -280,17 +289,27 @@ class FeatureStore:
         vocab = self.vocabulary
         return [vocab[i] if 0 <= i < len(vocab) else "" for i in token_ids]
 
+    def example_arrays(self, name: str, features) -> tuple[np.ndarray, ...] | None:
+        """An example set of several features in one read of each array: token ids
+        `[n, slots, width]` (int32), activations (float32) and peak values `[n, slots]` (NaN in
+        empty slots); None if find wrote no such set. Explaining or scoring thousands of
+        features reads the arrays in a few large slices this way, not example by example."""
+        token_ids = self.array(f"{name}_tokens")
+        if token_ids is None:
+            return None
+        rows = np.asarray(features, dtype=np.int64)
+        return (np.asarray(token_ids[rows]),
+                np.asarray(self.array(f"{name}_acts")[rows], dtype=np.float32),
+                np.asarray(self.array(f"{name}_values")[rows]))
+
     def examples(self, feature: int, name: str) -> list[Example]:
         """One feature's examples of a set, in stored order (top: strongest first; quantile:
         lowest group first), empty slots left out."""
-        feature = self.check_feature(feature)
-        token_ids, acts = self.array(f"{name}_tokens"), self.array(f"{name}_acts")
-        values = self.array(f"{name}_values")
-        if token_ids is None:
+        arrays = self.example_arrays(name, [self.check_feature(feature)])
+        if arrays is None:
             return []
         out = []
-        for ids, row_acts, value in zip(token_ids[feature], acts[feature], values[feature],
-                                        strict=True):
+        for ids, row_acts, value in zip(*(array[0] for array in arrays), strict=True):
             if math.isnan(float(value)):
                 continue
             ids = ids.tolist()
@@ -442,13 +461,17 @@ def has_features(sae_dir: str | Path) -> bool:
     return (Path(sae_dir).expanduser() / FEATURES_DIR / DB_FILE).is_file()
 
 
-def _connect(path: Path) -> sqlite3.Connection:
-    """The store's database, its tables made if new. check_same_thread is off: the daemon
-    reads a store from its worker threads, one query at a time."""
+def _connect(path: Path, create: bool = False) -> sqlite3.Connection:
+    """The store's database; with `create`, its tables are made (by `FeatureStore.create`
+    only: the daemon opens a store per request, and the schema statements cost more than the
+    card's reads). check_same_thread is off: the daemon reads a store from its worker threads,
+    one query at a time."""
     connection = sqlite3.connect(path, timeout=10, check_same_thread=False)
+    connection.execute("PRAGMA synchronous=NORMAL")
+    if not create:
+        return connection
     db = sqlite_utils.Database(connection)
-    for pragma in ("journal_mode=WAL", "synchronous=NORMAL"):
-        db.execute(f"PRAGMA {pragma}")
+    db.execute("PRAGMA journal_mode=WAL")  # persistent: kept in the file for every connection
     db["meta"].create({"key": str, "value": str}, pk="key", not_null={"value"},
                       if_not_exists=True)
     # The latest explanation is copied onto its feature's row, so that the browser's pages sort

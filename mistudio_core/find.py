@@ -31,7 +31,6 @@ from mistudio_core.corpus import Corpus, pack_windows
 from mistudio_core.errors import MistudioError
 from mistudio_core.feature_recorder import FeatureRecorder
 from mistudio_core.feature_store import FEATURES_DIR, FeatureStore
-from mistudio_core.hooks import HookPoint
 from mistudio_core.logit_effects import logit_effects, read_unembedding
 from mistudio_core.models import ModelSpec, check_layer, load_config, load_model, resolve_device
 from mistudio_core.progress import Callback, silent
@@ -130,20 +129,12 @@ def find_features(
     sae_dir = Path(sae_dir).expanduser()
     loaded = load_sae(sae_dir)
     sae, metadata = loaded.sae, loaded.metadata
-    if not metadata.hook_name:
-        raise MistudioError(f"the SAE in {sae_dir} does not say which hook it reads",
-                            hint="its cfg.json needs metadata.hook_name (layers.L.SITE)",
-                            code="bad_sae")
-    hook = HookPoint.parse(metadata.hook_name)
+    hook = loaded.hook()
     prepare_demo(model.model_id, corpus, callback)
     source_corpus = Corpus.open(corpus, text_field)
     model_config = load_config(model)
     check_layer(model_config, hook.layer, model.model_id)
-    if int(model_config.hidden_size) != sae.config.d_in:
-        raise MistudioError(
-            f"the SAE reads {sae.config.d_in}-wide activations but {model.model_id} has width "
-            f"{model_config.hidden_size}", hint="find features with the model the SAE was "
-            "trained on", code="bad_sae")
+    loaded.check_width(model_config.hidden_size, model.model_id)
     corpus_sha256 = source_corpus.fingerprint()
     settings = {"model_id": model.model_id, "revision": model.revision, "hook": hook.name,
                 "corpus_sha256": corpus_sha256, "sae_weights": _file_identity(sae_dir),

@@ -483,6 +483,10 @@ def check_memory(
 ) -> dict:
     """`mistudio check-memory`'s answer, in-process or from the daemon: the preflight report in
     plain JSON types, the verdict for an asked quantization (`asked`), and the summary lines."""
+    if quantization != "auto" and quantization not in QUANTIZATIONS:
+        raise MistudioError(f"unknown quantization {quantization!r}",
+                            hint="use auto or one of " + ", ".join(QUANTIZATIONS),
+                            code="bad_request", field="quantization")
     report = preflight(load_config(spec), model_id=spec.model_id, layer=layer,
                        context_size=context_size, d_sae=d_sae, devices=devices)
     document = report.to_dict()

@@ -102,7 +102,7 @@ def train_sae(job: TrainJob, callback: Callback = silent) -> TrainResult:
 
     def model_source() -> ModelActivationSource:
         callback("log", {"message": f"loading {job.model.model_id} up to layer {hook.layer}"})
-        model = load_model(job.model, up_to_layer=hook.layer)
+        model = load_model(job.model, up_to_layer=hook.layer, config=config)
         return ModelActivationSource(model, corpus, [hook], job.extraction)
 
     if job.cache:
@@ -169,24 +169,13 @@ def evaluate_saved(
     """Evaluate a saved SAE on `n_tokens` of a corpus; the result is also written beside it."""
     loaded = load_sae(sae_dir)
     prepare_demo(model.model_id, corpus, callback)
-    if not loaded.metadata.hook_name:
-        raise MistudioError(
-            f"the SAE in {sae_dir} does not say which hook it reads",
-            hint="its cfg.json needs metadata.hook_name (layers.L.SITE)",
-            code="bad_sae",
-        )
-    hook = HookPoint.parse(loaded.metadata.hook_name)
-    if is_causal_lm(load_config(model)):
-        hooked = load_model(model, with_lm_head=True)
+    hook = loaded.hook()
+    config = load_config(model)
+    loaded.check_width(config.hidden_size, model.model_id)  # before any weights are loaded
+    if is_causal_lm(config):
+        hooked = load_model(model, with_lm_head=True, config=config)
     else:  # encoders: reconstruction metrics only, so load just the blocks up to the hook
-        hooked = load_model(model, up_to_layer=hook.layer)
-    if hooked.hidden_size != loaded.sae.config.d_in:
-        raise MistudioError(
-            f"the SAE reads {loaded.sae.config.d_in}-wide activations but {model.model_id} "
-            f"has width {hooked.hidden_size}",
-            hint="evaluate the SAE with the model it was trained on",
-            code="bad_sae",
-        )
+        hooked = load_model(model, up_to_layer=hook.layer, config=config)
     loaded.sae.to(hooked.device)
     extraction = ExtractionConfig(
         context_size=loaded.metadata.context_size,

@@ -47,7 +47,7 @@ from functools import cached_property
 import numpy as np
 
 from mistudio_core.errors import MistudioError
-from mistudio_core.explain import TokenRule, example_line
+from mistudio_core.explain import TokenRule, _ids_text, example_line
 from mistudio_core.feature_store import PAD_TOKEN, Example, FeatureStore
 from mistudio_core.llm import ChatBackend, UnparseableAnswer, ask, chat_backend
 from mistudio_core.progress import Callback, silent
@@ -129,20 +129,15 @@ def held_out_examples(store: FeatureStore, features: Sequence[int],
     A quantile sample can be the very span a top example shows (always so for a feature that
     fired a handful of times): such samples are left out, so that an explanation is never
     scored on the text it was written from."""
-    rows = np.asarray(features, dtype=np.int64)
-    sets = []
-    for name in ("quantile", "negative"):
-        values = np.asarray(store.array(f"{name}_values")[rows])
-        sets.append((np.asarray(store.array(f"{name}_tokens")[rows]),
-                     np.asarray(store.array(f"{name}_acts")[rows], dtype=np.float32),
-                     values, ~np.isnan(values)))
-    width = sets[0][0].shape[-1]
-    if store.array("top_tokens") is None:
-        top_tokens = np.zeros((len(rows), 0, width), dtype=np.int32)
-        top_filled = np.zeros((len(rows), 0), dtype=bool)
+    sets = [(*arrays, ~np.isnan(arrays[2])) for arrays in
+            (store.example_arrays(name, features) for name in ("quantile", "negative"))]
+    top = store.example_arrays("top", features)
+    if top is None:
+        width = sets[0][0].shape[-1]
+        top_tokens = np.zeros((len(features), 0, width), dtype=np.int32)
+        top_filled = np.zeros((len(features), 0), dtype=bool)
     else:
-        top_tokens = np.asarray(store.array("top_tokens")[rows])
-        top_filled = ~np.isnan(np.asarray(store.array("top_values")[rows]))
+        top_tokens, top_filled = top[0], ~np.isnan(top[2])
     held_out = {}
     for row, feature in enumerate(features):
         quantile_tokens, _, _, quantile_filled = sets[0]
@@ -610,12 +605,12 @@ def _features_to_score(store: FeatureStore, scorer: str, explainer: str,
 
 
 def _settled(store: FeatureStore, scorer: str, explainer: str) -> set[int]:
-    """The features with a stored score that need no new try: all but the failed ones."""
-    values = store.score_values(scorer, explainer)
-    failed = {f for f, value in values.items() if value is None and any(
-        "error" in s["details"] for s in store.scores(f)
-        if (s["scorer"], s["explainer"]) == (scorer, explainer))}
-    return set(values) - failed
+    """The features with a stored score that need no new try: all but the failed ones (one
+    query, not one per unscored feature)."""
+    rows = store.db.execute("SELECT feature, value, details FROM scores WHERE scorer = ? AND "
+                            "explainer = ?", (scorer, explainer))
+    return {feature for feature, value, details in rows
+            if value is not None or "error" not in json.loads(details)}
 
 
 def _score_batch(store: FeatureStore, engine, explainer: str, batch: list[int],
@@ -643,7 +638,5 @@ def _summary(kind: str, scorer: str, explainer: str, numbers: dict, new: int,
                  f"mean {numbers['mean']:.2f}")
     lines = [head, f"{new} scored in this run, {len(failed)} could not be scored"]
     if failed:
-        shown = ", ".join(map(str, failed[:20]))
-        lines.append("could not score features " + shown
-                     + (f" and {len(failed) - 20} more" if len(failed) > 20 else ""))
+        lines.append("could not score features " + _ids_text(failed))
     return "\n".join(lines)

@@ -35,6 +35,13 @@ _MODEL_FIELDS = {
     "quantization": _QUANTIZATION,
     "device": _DEVICE,
 }
+# explain's and score's: which features, and the device of an hf: model they load
+_SELECTION_FIELDS = {
+    "features": _FEATURES,
+    "overwrite": Field(bool, default=False),
+    "device": _DEVICE,
+    "quantization": _QUANTIZATION,
+}
 
 PARAMS: dict[str, Schema] = {
     "train": Schema(
@@ -80,10 +87,7 @@ PARAMS: dict[str, Schema] = {
     "explain": Schema(
         sae_dir=_SAE_DIR,
         explainer=_EXPLAINER,
-        features=_FEATURES,
-        overwrite=Field(bool, default=False),
-        device=_DEVICE,
-        quantization=_QUANTIZATION,
+        **_SELECTION_FIELDS,
     ),
     "score": Schema(
         sae_dir=_SAE_DIR,
@@ -91,10 +95,7 @@ PARAMS: dict[str, Schema] = {
                      pattern=rf"rule|embedding:.+|{'|'.join(LLM_SCORERS)}"),
         explainer=_EXPLAINER,
         llm=Field(str, pattern=_CHAT_BACKEND, max_length=1024),
-        features=_FEATURES,
-        overwrite=Field(bool, default=False),
-        device=_DEVICE,
-        quantization=_QUANTIZATION,
+        **_SELECTION_FIELDS,
     ),
     "correlate": Schema(
         sae_dir=_SAE_DIR,

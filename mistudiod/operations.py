@@ -262,18 +262,24 @@ def _check_sae_dir(daemon: Daemon, kind: str, params: dict) -> None:
         raise MistudioError(f"no SAE directory {sae_dir} on the daemon's machine",
                             hint="give the path of a trained SAE (a train job's `out`, with "
                                  "its cfg.json)", code="bad_sae", field="sae_dir")
-    finds = [job.id for job in daemon.queue.list(("queued", "running"), 10_000)
-             if job.kind == "find" and job.params.get("sae_dir") == sae_dir]
-    if kind == "find" and finds:
-        raise MistudioError(f"find job {finds[0]} is already finding this SAE's features",
-                            hint=f"wait for it, or cancel it (`mistudio job cancel {finds[0]}`)",
+    if kind == "find" and (finding := _finding(daemon, sae_dir)) is not None:
+        raise MistudioError(f"find job {finding} is already finding this SAE's features",
+                            hint=f"wait for it, or cancel it (`mistudio job cancel {finding}`)",
                             code="busy", field="sae_dir")
-    if kind in FEATURE_READERS and not finds and not has_features(sae_dir):
+    # the queue is read only when the features are missing (not per keystroke of a form)
+    if kind in FEATURE_READERS and not has_features(sae_dir) \
+            and _finding(daemon, sae_dir) is None:
         raise MistudioError(f"no features found for the SAE in {sae_dir}",
                             hint=f"run `mistudio find {sae_dir} --model M --corpus C` first",
                             code="not_found", field="sae_dir")
     if params.get("features") is not None:
         parse_features(params["features"], d_sae)
+
+
+def _finding(daemon: Daemon, sae_dir: str) -> int | None:
+    """The newest queued or running find job on the SAE in `sae_dir`, if any."""
+    return next((job.id for job in daemon.queue.list(("queued", "running"), 10_000)
+                 if job.kind == "find" and job.params.get("sae_dir") == sae_dir), None)
 
 
 def sae_width(sae_dir: str | Path) -> int | None:

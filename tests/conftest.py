@@ -238,6 +238,16 @@ def model_dir(make_tiny_model) -> str:
 
 
 @pytest.fixture
+def queue(tmp_path):
+    """An empty job queue (`mistudiod.queue.JobQueue`) on a temporary database."""
+    from mistudiod.queue import JobQueue
+
+    queue = JobQueue(tmp_path / "q.db")
+    yield queue
+    queue.close()
+
+
+@pytest.fixture
 def start_daemon(tmp_path) -> Iterator[Callable[..., DaemonProcess]]:
     """`start_daemon(*args, env=None)`: a started `mistudiod` with these extra arguments, on
     directories under the test's `tmp_path`. Every daemon it started is stopped and its runtime

@@ -2,17 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
-
-from mistudiod.queue import JobQueue
-
-
-@pytest.fixture
-def queue(tmp_path) -> JobQueue:
-    queue = JobQueue(tmp_path / "q.db")
-    yield queue
-    queue.close()
-
 
 def test_the_database_is_in_wal_mode_with_a_busy_timeout(queue):
     assert queue.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"

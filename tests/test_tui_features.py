@@ -18,11 +18,12 @@ from test_tui import until
 from textual.color import Color
 from textual.widgets import DataTable, Input, Static
 
+from mistudio_core import feature_store
 from mistudio_core.errors import MistudioError
 from mistudio_core.feature_store import PAD_TOKEN, FeatureStore
 from tui.app import MistudioApp
 from tui.screens.feature_card import FeatureCardScreen
-from tui.screens.features import PAGE, FeatureQuery, FeaturesScreen, sae_dir_of
+from tui.screens.features import PAGE, SORTS, FeatureQuery, FeaturesScreen, sae_dir_of
 from tui.screens.sae_picker import SaePickerScreen
 from tui.widgets.activation_histogram import bar, histogram_rows
 from tui.widgets.features_table import FeaturesTable
@@ -78,6 +79,10 @@ def test_a_query_asks_for_a_page_a_filtered_page_or_a_semantic_search():
     assert FeatureQuery(search="~ a comma ").request("/s", 0) == ("feature.search", {
         "sae_dir": "/s", "query": "a comma", "limit": 50})
     assert "search" not in FeatureQuery(search="~").request("/s", 0)[1]  # nothing to mean yet
+
+
+def test_the_sorts_cycled_are_the_stores_in_its_order():
+    assert tuple(feature_store.SORTS) == SORTS
 
 
 def test_the_sae_of_a_job():

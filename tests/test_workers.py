@@ -28,13 +28,6 @@ def gpu_snapshot(free_gib: int) -> dict:
          "processes": []}]}
 
 
-@pytest.fixture
-def queue(tmp_path) -> JobQueue:
-    queue = JobQueue(tmp_path / "q.db")
-    yield queue
-    queue.close()
-
-
 class Pool(WorkerPool):
     """A pool that records what it publishes, its wake-ups and (unless `real_start`) the workers
     it would start instead of starting them."""

@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mistudio_core.errors import MistudioError
+from mistudio_core.hooks import HookPoint
 from mistudio_core.sae.config import SAEConfig
 from mistudio_core.sae.model import SparseAutoencoder
 
@@ -67,6 +68,24 @@ class LoadedSAE:
     metadata: SAEMetadata
     training: dict  # mistudio.json (empty for SAEs written by other tools)
     path: Path
+
+    def hook(self) -> HookPoint:
+        """The hook the SAE reads, from its metadata; an SAE that does not say is refused."""
+        if not self.metadata.hook_name:
+            raise MistudioError(f"the SAE in {self.path} does not say which hook it reads",
+                                hint="its cfg.json needs metadata.hook_name (layers.L.SITE)",
+                                code="bad_sae")
+        return HookPoint.parse(self.metadata.hook_name)
+
+    def check_width(self, width: int, model_id: str) -> None:
+        """Refuse a model whose hidden width is not the SAE's input width (check it against the
+        model's config, before any weights are loaded)."""
+        if int(width) != self.sae.config.d_in:
+            trained_on = self.metadata.model_name or "?"
+            raise MistudioError(
+                f"the SAE reads {self.sae.config.d_in}-wide activations but {model_id} has "
+                f"width {width}", hint=f"use the model the SAE was trained on ({trained_on})",
+                code="bad_sae", field="model")
 
 
 def save_sae(

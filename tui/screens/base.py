@@ -17,12 +17,14 @@ from textual.screen import Screen
 from textual.widget import Widget
 from textual.widgets import Footer, Header
 
+from mistudio_core.errors import MistudioError
+from tui.widgets.request_error import RequestError
 from tui.widgets.status_line import StatusLine
 
 if TYPE_CHECKING:
     from tui.app import MistudioApp
     from tui.link import DaemonLink
-    from tui.state import DaemonState
+    from tui.state import Connection, DaemonState
 
 
 class DaemonScreen(Screen):
@@ -50,3 +52,34 @@ class DaemonScreen(Screen):
 
     def redraw(self) -> None:
         """Draw everything from the state, after a time out of sight."""
+
+
+class ReadingScreen(DaemonScreen):
+    """A screen that reads what it shows from the daemon on demand (`action_reload`). A failed
+    read keeps what was shown and says why in the screen's `RequestError` rather than in a toast
+    that vanishes; `r` reads again, and so does the daemon coming back or the screen being shown
+    again. Subclasses subscribe `_on_connection` to the state's `connection_changed`."""
+
+    _failed: object = None  # what could not be read (anything true), until it is
+
+    async def read(self, what: str, msg_type: str, content: dict | None = None,
+                   **options) -> dict | None:
+        """The daemon's reply, or None once the failure is shown (`what`: `cannot read ...`)."""
+        try:
+            reply = await self.link.request(msg_type, content, **options)
+        except MistudioError as error:
+            self.query_one(RequestError).show(what, error)
+            return None
+        self.query_one(RequestError).clear()
+        return reply
+
+    def action_reload(self) -> None:
+        raise NotImplementedError
+
+    def _on_connection(self, connection: Connection) -> None:
+        if connection.connected and self._failed and self.is_current:
+            self.action_reload()
+
+    def redraw(self) -> None:
+        if self._failed and self.link.connected:
+            self.action_reload()

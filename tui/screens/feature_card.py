@@ -30,8 +30,7 @@ from mistudio_core import units
 from mistudio_core.errors import MistudioError
 from mistudiod.protocol import FINISHED_STATES
 from tui import format
-from tui.screens.base import DaemonScreen
-from tui.state import Connection
+from tui.screens.base import ReadingScreen
 from tui.widgets.activation_histogram import ActivationHistogram
 from tui.widgets.features_table import density
 from tui.widgets.neighbour_list import NeighbourList
@@ -46,7 +45,7 @@ DOING = {"explain": "explaining", "score": "scoring"}
 DONE = {"explain": "explained", "score": "scored"}
 
 
-class FeatureCardScreen(DaemonScreen):
+class FeatureCardScreen(ReadingScreen):
     CSS_PATH = "feature_card.tcss"
     BINDINGS = [
         Binding("escape", "app.pop_screen", "Back"),
@@ -63,7 +62,6 @@ class FeatureCardScreen(DaemonScreen):
         self.card: dict | None = None
         self.jobs: dict[str, int] = {}  # the latest job of each kind submitted from here
         self._reloaded: set[int] = set()  # succeeded jobs whose results were read
-        self._failed = False
 
     def body(self) -> Iterable[Widget]:
         with VerticalScroll(id="card"):
@@ -102,16 +100,11 @@ class FeatureCardScreen(DaemonScreen):
 
     @work(group="card", exclusive=True)
     async def _fetch(self) -> None:
-        try:
-            reply = await self.link.request("feature.show", {"sae_dir": self.sae_dir,
-                                                             "id": self.feature_id})
-        except MistudioError as error:
-            self._failed = True
-            self.query_one(RequestError).show(f"cannot read feature {self.feature_id}", error)
-            return
-        self._failed = False
-        self.query_one(RequestError).clear()
-        self.show_card(reply["feature"])
+        reply = await self.read(f"cannot read feature {self.feature_id}", "feature.show",
+                                {"sae_dir": self.sae_dir, "id": self.feature_id})
+        self._failed = reply is None
+        if reply is not None:
+            self.show_card(reply["feature"])
 
     def show_card(self, card: dict) -> None:
         """Draw a `feature.show` card."""
@@ -127,14 +120,9 @@ class FeatureCardScreen(DaemonScreen):
         self.query_one("#card-similar", NeighbourList).show(card.get("similar") or [])
         self.query_one("#card-cooccurring", NeighbourList).show(card.get("cooccurring") or [])
 
-    def _on_connection(self, connection: Connection) -> None:
-        if connection.connected and self._failed and self.is_current:
-            self.action_reload()
-
     def redraw(self) -> None:
         self._follow_jobs()
-        if self._failed and self.link.connected:
-            self.action_reload()
+        super().redraw()
 
     @on(OptionList.OptionSelected)
     def _jump(self, event: OptionList.OptionSelected) -> None:

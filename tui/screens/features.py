@@ -26,10 +26,8 @@ from textual.widget import Widget
 from textual.widgets import DataTable, Input, Static
 
 from mistudio_core import units
-from mistudio_core.errors import MistudioError
 from tui import format
-from tui.screens.base import DaemonScreen
-from tui.state import Connection
+from tui.screens.base import ReadingScreen
 from tui.widgets.features_table import FeaturesTable
 from tui.widgets.jobs_table import short_hook
 from tui.widgets.request_error import RequestError
@@ -40,6 +38,8 @@ SEMANTIC_LIMIT = 50
 # A search by meaning embeds the query: the daemon may first have to load the embedding model.
 SEMANTIC_TIMEOUT_S = 60.0
 DEBOUNCE_S = 0.3
+# `mistudio_core.feature_store.SORTS`, named rather than imported: the store would load numpy
+# into the TUI. A test keeps the two the same.
 SORTS = ("id", "density", "max", "mean", "score")
 SEMANTIC_PREFIX = "~"
 
@@ -88,7 +88,7 @@ def sae_dir_of(job: dict) -> str | None:
     return (job.get("params") or {}).get("sae_dir")
 
 
-class FeaturesScreen(DaemonScreen):
+class FeaturesScreen(ReadingScreen):
     CSS_PATH = "features.tcss"
     BINDINGS = [
         Binding("escape", "back", "Back"),
@@ -137,19 +137,14 @@ class FeaturesScreen(DaemonScreen):
     @work(group="features", exclusive=True)
     async def _fetch(self, query: FeatureQuery, offset: int) -> None:
         msg_type, content = query.request(self.sae_dir, offset)
-        try:
-            reply = await self.link.request(msg_type, content, **(
-                {"timeout": SEMANTIC_TIMEOUT_S} if query.semantic else {}))
-        except MistudioError as error:
-            self.reading = False
-            self._failed = (query, offset)
-            self.query_one(RequestError).show("cannot read the features", error)
-            self._draw_count()
-            return
+        reply = await self.read("cannot read the features", msg_type, content, **(
+            {"timeout": SEMANTIC_TIMEOUT_S} if query.semantic else {}))
         self.reading = False
-        self._failed = None
-        self.query_one(RequestError).clear()
-        self.show_page(query, offset, reply)
+        self._failed = (query, offset) if reply is None else None
+        if reply is None:
+            self._draw_count()
+        else:
+            self.show_page(query, offset, reply)
 
     def show_page(self, query: FeatureQuery, offset: int, reply: dict) -> None:
         """Show a `feature.list` (or, for a semantic query, `feature.search`) reply for the
@@ -166,14 +161,6 @@ class FeaturesScreen(DaemonScreen):
         self.query_one(FeaturesTable).show(page, semantic=query.semantic, append=offset > 0)
         self._draw_header()
         self._draw_count()
-
-    def _on_connection(self, connection: Connection) -> None:
-        if connection.connected and self._failed is not None and self.is_current:
-            self.action_reload()
-
-    def redraw(self) -> None:
-        if self._failed is not None and self.link.connected:
-            self.action_reload()
 
     @on(DataTable.RowHighlighted, "#features-table")
     def _near_the_end(self, event: DataTable.RowHighlighted) -> None:

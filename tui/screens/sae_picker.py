@@ -14,10 +14,8 @@ from textual.widget import Widget
 from textual.widgets import DataTable, Static
 
 from mistudio_core import units
-from mistudio_core.errors import MistudioError
 from tui import format
-from tui.screens.base import DaemonScreen
-from tui.state import Connection
+from tui.screens.base import ReadingScreen
 from tui.widgets.jobs_table import short_hook
 from tui.widgets.request_error import RequestError
 
@@ -31,7 +29,7 @@ class SaeTable(DataTable):
         super().__init__(cursor_type="row", zebra_stripes=True, **kwargs)
 
 
-class SaePickerScreen(DaemonScreen):
+class SaePickerScreen(ReadingScreen):
     CSS_PATH = "sae_picker.tcss"
     BINDINGS = [
         Binding("escape", "app.pop_screen", "Back"),
@@ -41,7 +39,6 @@ class SaePickerScreen(DaemonScreen):
     def __init__(self) -> None:
         super().__init__()
         self.saes: dict[str, dict] = {}  # by path
-        self._failed = False
 
     def body(self) -> Iterable[Widget]:
         yield Static("Choose an SAE (newest first).", id="picker-note")
@@ -62,15 +59,10 @@ class SaePickerScreen(DaemonScreen):
 
     @work(group="sources", exclusive=True)
     async def _fetch(self) -> None:
-        try:
-            reply = await self.link.request("feature.sources")
-        except MistudioError as error:
-            self._failed = True
-            self.query_one(RequestError).show("cannot list the SAEs", error)
-            return
-        self._failed = False
-        self.query_one(RequestError).clear()
-        self.show_sources(reply["saes"])
+        reply = await self.read("cannot list the SAEs", "feature.sources")
+        self._failed = reply is None
+        if reply is not None:
+            self.show_sources(reply["saes"])
 
     def show_sources(self, saes: list[dict]) -> None:
         """Rows for a `feature.sources` reply's SAEs, in its order (newest first)."""
@@ -83,14 +75,6 @@ class SaePickerScreen(DaemonScreen):
                 "No SAE yet: train one (n on the dashboard), then find its features with "
                 "`mistudio find SAE_DIR --model M --corpus C`.")
         self.query_one("#picker-note", Static).update(note)
-
-    def _on_connection(self, connection: Connection) -> None:
-        if connection.connected and self._failed and self.is_current:
-            self.action_reload()
-
-    def redraw(self) -> None:
-        if self._failed and self.link.connected:
-            self.action_reload()
 
     @on(DataTable.RowSelected, "#saes")
     def _open(self, event: DataTable.RowSelected) -> None:
