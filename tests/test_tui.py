@@ -218,6 +218,22 @@ def test_the_tui_survives_a_daemon_restart_and_resyncs(daemon, model_dir, tiny_c
     asyncio.run(scenario())
 
 
+def test_a_screen_cancels_its_workers_before_its_widgets_go(tmp_path):
+    async def scenario():
+        app = MistudioApp(tmp_path / "no-daemon")  # offline: the form's checks still start
+        async with app.run_test(size=SIZE) as pilot:
+            await pilot.press("n")
+            form = app.screen
+            assert isinstance(form, NewJobScreen)
+            checks = [worker for worker in app.workers if worker.node is form]
+            assert checks and not any(worker.is_cancelled for worker in checks)
+            removal = form.remove()  # its children are pruned after this returns
+            assert all(worker.is_cancelled for worker in checks)
+            await removal
+
+    asyncio.run(scenario())
+
+
 def test_the_tui_imports_neither_torch_nor_server_code():
     code = ("import sys, tui.app; bad = [m for m in ('torch', 'transformers', 'mistudiod.server',"
             " 'mistudiod.queue', 'mistudiod.operations') if m in sys.modules]; print(bad)")

@@ -47,6 +47,14 @@ class DaemonScreen(Screen):
     def body(self) -> Iterable[Widget]:
         raise NotImplementedError
 
+    def remove(self):
+        """Cancel the screen's workers first, then remove it. Textual cancels a node's workers
+        at its own unmount, after its children are gone: a form check waking in between found
+        its widgets missing and crashed the app (seen leaving the new-job form while the daemon
+        restarted on a loaded machine)."""
+        self.workers.cancel_node(self)
+        return super().remove()
+
     def on_screen_resume(self) -> None:
         self.redraw()
 
