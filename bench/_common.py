@@ -35,25 +35,36 @@ def synchronizer(device) -> Callable[[], None]:
     return lambda: None
 
 
+class Elapsed(float):
+    """Returned by a candidate that times itself (seconds): `interleaved` records it instead of
+    the whole call, e.g. the time to a first event, leaving out the wind-down after it."""
+
+
 def interleaved(
     candidates: dict[str, Callable[[], object]],
     repeats: int,
     warmup: int = 1,
     sync: Callable[[], None] = lambda: None,
+    settle_s: float = 0.0,
 ) -> dict[str, list[float]]:
     """Seconds per call of each candidate over `repeats` rounds; each round runs every
-    candidate once, in an order rotated from round to round. `warmup` rounds are discarded."""
+    candidate once, in an order rotated from round to round. `warmup` rounds are discarded. A
+    candidate that returns an `Elapsed` is recorded at that time. Each call starts `settle_s`
+    after the last one ended (for candidates in other processes: OpenMP's threads spin for a
+    few ms after the last op, taking the cores another process needs)."""
     names = list(candidates)
     times: dict[str, list[float]] = {name: [] for name in names}
     for round_index in range(warmup + repeats):
         shift = round_index % len(names)
         for name in names[shift:] + names[:shift]:
+            time.sleep(settle_s)
             sync()
             start = time.perf_counter()
-            candidates[name]()
+            result = candidates[name]()
             sync()
+            elapsed = time.perf_counter() - start
             if round_index >= warmup:
-                times[name].append(time.perf_counter() - start)
+                times[name].append(float(result) if isinstance(result, Elapsed) else elapsed)
     return times
 
 

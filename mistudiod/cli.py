@@ -172,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _feature_job_parsers(commands)
     _feature_reading_parsers(commands, OPERATIONS)
+    _interactive_parsers(commands)
 
     for name, text in (("status", "the daemon's status"), ("gpu", "the GPUs, as the daemon "
                                                             "sees them")):
@@ -277,6 +278,44 @@ def _feature_reading_parsers(commands, operations: dict) -> None:
     _common(feature)
 
 
+def _interactive_parsers(commands) -> None:
+    """`monitor` and `steer`: a model and its SAEs, live (for now only with --local)."""
+    monitor = commands.add_parser("monitor", help="each token's top features as the model "
+                                                  "reads (or generates) text")
+    monitor.add_argument("sae_dirs", nargs="+", metavar="SAE_DIR")
+    _model_options(monitor, "find")
+    monitor.add_argument("--text", required=True,
+                         help="the text to read (with --generate: the prompt)")
+    monitor.add_argument("--top", type=_whole(1, 1000), default=5,
+                         help="features shown per token and SAE")
+    monitor.add_argument("--generate", type=_whole(1), metavar="N",
+                         help="generate N tokens after the text and report theirs")
+    monitor.add_argument("--seed", type=_whole(0, 2**63 - 1), default=0)
+    monitor.add_argument("--temperature", type=float, default=1.0, help="0 for greedy")
+    monitor.add_argument("--local", action="store_true", help="run in this process, no daemon")
+    _common(monitor)
+
+    steer = commands.add_parser("steer", help="generate with features steered, beside the "
+                                              "unsteered baseline")
+    steer.add_argument("sae_dir")
+    _model_options(steer, "find")
+    steer.add_argument("--prompt", required=True)
+    steer.add_argument("--feature", type=int, action="append", required=True,
+                       help="the feature to steer (repeat it, each with its --strength)")
+    steer.add_argument("--strength", type=float, action="append", required=True,
+                       help="add: multiples of the feature's max activation; clamp: the value")
+    steer.add_argument("--mode", action="append", choices=("add", "clamp"),
+                       help="add (default) or clamp; once for all features, or once per feature")
+    steer.add_argument("--from-prompt-end", action="store_true",
+                       help="steer only from the prompt's last token on")
+    steer.add_argument("--max-new-tokens", type=_whole(1), default=40)
+    steer.add_argument("--seed", type=_whole(0, 2**63 - 1), default=0)
+    steer.add_argument("--temperature", type=float, default=1.0, help="0 for greedy")
+    steer.add_argument("--top-k", type=_whole(1), help="sample from the k likeliest tokens")
+    steer.add_argument("--local", action="store_true", help="run in this process, no daemon")
+    _common(steer)
+
+
 # ----- commands --------------------------------------------------------------------------------
 
 
@@ -348,6 +387,107 @@ def _feature(args, _progress) -> dict:
 
     sae_dir = str(Path(args.sae_dir).expanduser())
     return {"path": sae_dir, **show_feature(sae_dir, args.id)}
+
+
+def _spec(args):
+    from mistudio_core.models import ModelSpec
+
+    return ModelSpec(args.model, revision=args.revision, dtype=args.dtype,
+                     quantization=args.quantization, device=args.device, token=_token(args))
+
+
+def _monitor(args, _progress) -> dict:
+    """Each token's top features, streamed: in a daemon session, or here with --local."""
+    from mistudiod.interactive_text import token_line
+
+    sae_dirs = [str(Path(d).expanduser()) for d in args.sae_dirs]
+    request = {"text": args.text, "max_new_tokens": args.generate or 0, "top": args.top,
+               "seed": args.seed, "temperature": args.temperature}
+    args.tokens_shown = 0  # the render shows only what was not streamed
+
+    def stream(token: dict) -> None:
+        if not args.json:
+            print(token_line(token, len(sae_dirs) == 1), flush=True)
+            args.tokens_shown += 1
+
+    if args.local:
+        from mistudio_core.monitor import Monitor
+        from mistudiod.sessions import run_monitor
+
+        monitor = Monitor.load(_spec(args), sae_dirs)
+        names, document = monitor.names, run_monitor(monitor, on_token=stream, **request)
+    else:
+        opened, document = _in_session(args, sae_dirs, "session.monitor", request,
+                                       lambda event: stream(event["token"]))
+        names = [sae["name"] for sae in opened["saes"]]
+    return {"model": args.model, "sae_dirs": sae_dirs, "saes": names, "top": args.top,
+            **document}
+
+
+def _steer(args, _progress) -> dict:
+    """The baseline and the steered continuation (the steered one streamed to stderr)."""
+    sae_dir = str(Path(args.sae_dir).expanduser())
+    request = {"prompt": args.prompt, "steerings": _steerings(args),
+               "max_new_tokens": args.max_new_tokens, "seed": args.seed,
+               "temperature": args.temperature, "top_k": args.top_k}
+    streamed = []
+
+    def stream(side: str, text: str) -> None:
+        if side == "steered" and not args.json:
+            streamed.append(text)
+            print(text, end="", file=sys.stderr, flush=True)
+
+    try:
+        if args.local:
+            from mistudio_core.models import load_config, load_model, n_layers_of
+            from mistudio_core.monitor import check_fits
+            from mistudio_core.sae import load_sae
+            from mistudiod.sessions import run_steer
+
+            loaded = load_sae(sae_dir)
+            spec = _spec(args)
+            config = load_config(spec)
+            check_fits(loaded, int(config.hidden_size), n_layers_of(config), spec.model_id)
+            model = load_model(spec, with_lm_head=True, config=config)
+            document = run_steer(model, {Path(sae_dir).name or sae_dir: loaded},
+                                 on_token=lambda side, text, _: stream(side, text), **request)
+        else:
+            _, document = _in_session(args, [sae_dir], "session.steer", request,
+                                      lambda event: stream(event["side"], event["token"]))
+    finally:
+        if streamed:
+            print(file=sys.stderr, flush=True)
+    return {"model": args.model, "sae_dir": sae_dir, **document}
+
+
+def _steerings(args) -> list[dict]:
+    features, strengths, modes = args.feature, args.strength, args.mode or ["add"]
+    if len(strengths) != len(features):
+        raise MistudioError(
+            f"{len(features)} --feature but {len(strengths)} --strength given",
+            hint="give one --strength after each --feature", code="bad_usage",
+            field="strength")
+    if len(modes) == 1:
+        modes = modes * len(features)
+    elif len(modes) != len(features):
+        raise MistudioError(
+            f"{len(features)} --feature but {len(modes)} --mode given",
+            hint="give --mode once (for all features) or once per --feature",
+            code="bad_usage", field="mode")
+    return [{"feature": feature, "strength": strength, "mode": mode,
+             "from_prompt_end": args.from_prompt_end}
+            for feature, strength, mode in zip(features, strengths, modes, strict=True)]
+
+
+def _in_session(args, sae_dirs: list[str], msg_type: str, request: dict,
+                on_token: Callable[[dict], None]) -> tuple[dict, dict]:
+    """Open a daemon session on the model and SAEs, run one request in it (its token events go
+    to `on_token`), close it; the session's description and the request's answer."""
+    _refuse_hf_token(args)
+    opened = {"model": remote.input_path(args.model, "model"), "revision": args.revision,
+              "dtype": args.dtype, "quantization": args.quantization, "device": args.device,
+              "sae_dirs": [remote.input_path(d, "sae_dir") for d in sae_dirs]}
+    return remote.call(args, remote.in_session, opened, msg_type, request, on_token)
 
 
 def _refuse_hf_token(args) -> None:
@@ -472,6 +612,18 @@ def _render_card(_args, document: dict) -> str:
     return feature_card(document["feature"])
 
 
+def _render_monitor(args, document: dict) -> str:
+    from mistudiod.interactive_text import monitor_text
+
+    return monitor_text(document, skip=args.tokens_shown)
+
+
+def _render_steer(_args, document: dict) -> str:
+    from mistudiod.interactive_text import steer_text
+
+    return steer_text(document)
+
+
 def _render_status(_args, document: dict) -> str:
     jobs, gpus = document["jobs"], document["gpus"]
     return "\n".join([
@@ -548,6 +700,8 @@ COMMANDS: dict[str, Command] = {
     "correlate": Command(_job("correlate"), _render_result),
     "features": Command(_features, _render_features),
     "feature": Command(_feature, _render_card),
+    "monitor": Command(_monitor, _render_monitor),
+    "steer": Command(_steer, _render_steer),
     "status": Command(_daemon(remote.status), _render_status),
     "gpu": Command(_daemon(remote.gpu), _render_gpu),
     "jobs": Command(_daemon(remote.jobs), _render_jobs),

@@ -301,6 +301,14 @@ class Client:
             for topic in topics:
                 self.sub.setsockopt(zmq.SUBSCRIBE, topic.encode())
 
+    def unsubscribe(self, *topics: str) -> None:
+        """Stop following topics given to `subscribe` (a closed session's, say)."""
+        for topic in topics:
+            if topic in self.topics:
+                self.topics.discard(topic)
+                if self.sub is not None:
+                    self.sub.setsockopt(zmq.UNSUBSCRIBE, topic.encode())
+
     def _subscribe_all(self) -> None:
         self.sub = self._socket(zmq.SUB, self.info.tcp_events if self.tcp else self.info.events)
         for topic in self.topics:

@@ -196,6 +196,14 @@ def has_gpus(snapshot: dict) -> bool:
     return bool(_readable_gpus(snapshot))
 
 
+def roomiest_gpu(snapshot: dict) -> str | None:
+    """The device name (`cuda:N`) of the GPU with the most free memory, or None without GPUs."""
+    gpus = _readable_gpus(snapshot)
+    if not gpus:
+        return None
+    return f"cuda:{max(gpus, key=lambda gpu: gpu['memory_free'])['index']}"
+
+
 def gpu_devices(snapshot: dict) -> list[DeviceMemory]:
     """Each GPU's free and total memory in a snapshot, for the preflight and the placer."""
     from mistudio_core.memory import DeviceMemory

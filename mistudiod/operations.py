@@ -25,10 +25,11 @@ import zmq
 from mistudio_core import __version__
 from mistudio_core.errors import MistudioError
 from mistudio_core.model_ids import DEMO_MODEL_ALIAS, check_model_id
-from mistudiod.gpus import devices_of
+from mistudiod.gpus import devices_of, roomiest_gpu
 from mistudiod.jobs import FEATURE_READERS, PARAMS, validate_params
 from mistudiod.protocol import JOB_STATES, PROTOCOL_VERSION, Message, ok
 from mistudiod.schema import Field, Schema
+from mistudiod.sessions import MONITOR_FIELDS, OPEN_FIELDS, SESSION_ID, STEER_FIELDS
 from mistudiod.uploads import CHUNK_BYTES, check_corpus_name
 
 if TYPE_CHECKING:
@@ -71,7 +72,7 @@ async def daemon_info(daemon: Daemon, _: dict, __: Message, ___: str) -> dict:
                   "pyzmq": zmq.__version__, "msgpack": ".".join(map(str, msgpack.version))},
         capabilities={"operations": sorted(OPERATIONS), "job_kinds": sorted(PARAMS),
                       "topics": ["daemon.status", "gpu.<uuid>", "job.<id>.state",
-                                 "job.<id>.metrics", "job.<id>.log"],
+                                 "job.<id>.metrics", "job.<id>.log", "session.<id>"],
                       "tcp": daemon.tcp is not None, "metrics_port": daemon.metrics_port,
                       "max_message_bytes": daemon.session.max_bytes,
                       "upload_chunk_bytes": CHUNK_BYTES},
@@ -244,13 +245,19 @@ def _resolve_paths(daemon: Daemon, kind: str, params: dict) -> dict:
     if "sae_dir" in params:
         _check_sae_dir(daemon, kind, params)
     if params.get("model") is not None:
-        try:  # the rule the worker loads it by: a directory here, a hub id, or the demo model
-            check_model_id(params["model"])
-        except MistudioError as error:
-            error.message += " on the daemon's machine"
-            error.field = "model"
-            raise
+        _check_model(params["model"])
     return params
+
+
+def _check_model(model: str) -> None:
+    """The rule a worker or model host loads a model by: a directory here, a hub id, or the
+    demo model."""
+    try:
+        check_model_id(model)
+    except MistudioError as error:
+        error.message += " on the daemon's machine"
+        error.field = "model"
+        raise
 
 
 def _check_sae_dir(daemon: Daemon, kind: str, params: dict) -> None:
@@ -517,3 +524,84 @@ def _sae_source(directory: Path) -> dict | None:
             count = "SELECT count(DISTINCT feature) FROM explanations"
             source["n_explained"] = store.db.execute(count).fetchone()[0]
     return source
+
+
+# ----- interactive sessions: monitor and steer in a model host (mistudiod/sessions.py) ---------
+# The daemon checks the fields, resolves paths and the device, and forwards to the model host of
+# the session's device; the host's per-token events come back through `ModelHostClient` and go
+# out on `session.<id>`. The daemon remembers each session's device to route its requests.
+
+RUN_TIMEOUT = 3600.0  # a long generation on a big model; a client cancels sooner if it wants
+
+
+@operation("session.open", slow=True, audited=True, **OPEN_FIELDS,
+           device=Field(str, default="auto", pattern=r"auto|cpu|cuda:\d{1,2}"))
+async def session_open(daemon: Daemon, request: dict, _: Message, __: str) -> dict:
+    _check_model(request["model"])
+    if not request["sae_dirs"]:
+        raise MistudioError("no SAE given", hint="name at least one SAE directory",
+                            code="bad_request", field="sae_dirs")
+    sae_dirs = [_sae_path(daemon, directory) for directory in request["sae_dirs"]]
+    for directory in sae_dirs:
+        if not (Path(directory) / SAE_CONFIG_FILE).is_file():
+            raise MistudioError(f"{directory} is not an SAE directory (no {SAE_CONFIG_FILE})",
+                                hint="give a directory `mistudio train` wrote",
+                                code="not_found", field="sae_dirs")
+    device = request["device"]
+    if device == "auto":
+        device = roomiest_gpu(daemon.gpu_snapshot()) or "cpu"
+    content = {**{name: request[name] for name in OPEN_FIELDS}, "sae_dirs": sae_dirs}
+    reply = await daemon.host_request(device, "session.open", content, timeout=RUN_TIMEOUT)
+    if reply.get("ok"):
+        daemon.sessions[reply["session"]] = device
+    return reply
+
+
+@operation("session.monitor", slow=True, **MONITOR_FIELDS)
+async def session_monitor(daemon: Daemon, request: dict, _: Message, __: str) -> dict:
+    return await _in_session(daemon, "session.monitor", request, RUN_TIMEOUT)
+
+
+@operation("session.steer", slow=True, **STEER_FIELDS)
+async def session_steer(daemon: Daemon, request: dict, _: Message, __: str) -> dict:
+    return await _in_session(daemon, "session.steer", request, RUN_TIMEOUT)
+
+
+@operation("session.cancel", slow=True, session=SESSION_ID)
+async def session_cancel(daemon: Daemon, request: dict, _: Message, __: str) -> dict:
+    return await _in_session(daemon, "session.cancel", request)
+
+
+@operation("session.close", slow=True, audited=True, session=SESSION_ID)
+async def session_close(daemon: Daemon, request: dict, _: Message, __: str) -> dict:
+    reply = await _in_session(daemon, "session.close", request)
+    daemon.sessions.pop(request["session"], None)
+    return reply
+
+
+@operation("session.list", slow=True)
+async def session_list(daemon: Daemon, _: dict, __: Message, ___: str) -> dict:
+    sessions = []
+    for device in sorted(set(daemon.sessions.values())):
+        host = daemon.hosts.get(device)
+        if host is None or not host.alive:
+            continue  # its sessions went with it
+        reply = await host.request("session.list", {})
+        sessions += [{**session, "device": device} for session in reply.get("sessions", ())]
+    return ok(sessions=sessions)
+
+
+async def _in_session(daemon: Daemon, msg_type: str, request: dict,
+                      timeout: float = 30.0) -> dict:
+    """Forward a request on an open session to its device's model host."""
+    device = daemon.sessions.get(request["session"])
+    if device is None:
+        raise MistudioError(f"no session {request['session']!r}",
+                            hint="open one first (`session.open`); sessions end when closed, "
+                                 "idle for 30 minutes, or when the daemon restarts",
+                            code="not_found", field="session")
+    reply = await daemon.host_request(device, msg_type, request, timeout=timeout)
+    if (reply.get("error") or {}).get("code") == "not_found" and (
+            reply["error"].get("field") == "session"):
+        daemon.sessions.pop(request["session"], None)  # closed by the host (idle, restarted)
+    return reply

@@ -163,13 +163,16 @@ class Session:
         return self.serialize(f"{request.type}.reply", content, request, buffers,
                               request.idents)
 
-    def event(self, topic: str, content: dict, buffers: list = ()) -> list:
-        """The frames of an event on `topic`, numbered per topic."""
+    def event(self, topic: str, content: dict, buffers: list = (),
+              idents: list[bytes] | None = None) -> list:
+        """The frames of an event on `topic`, numbered per topic. They go out on a PUB socket
+        (the topic is the routing frame), or to `idents` on a ROUTER (a model host's events go
+        to the daemon, which publishes them)."""
         seq = self._topic_seq.get(topic, 0) + 1
         self._topic_seq[topic] = seq
         header = self.header("event", seq=seq, topic=topic)
         return self.serialize("event", content, header=header, buffers=buffers,
-                              idents=[topic.encode()])
+                              idents=[topic.encode()] if idents is None else idents)
 
     def deserialize(self, frames: list) -> Message:
         """Check and decode received frames (bytes or zmq.Frame); raise ProtocolError if bad."""

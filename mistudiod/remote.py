@@ -9,6 +9,7 @@ missed event never leaves them waiting forever.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from pathlib import Path
 
 from mistudio_core.errors import MistudioError
@@ -142,6 +143,49 @@ async def follow(client: Client, job_id: int, progress) -> dict:
             progress.update(job["step"], total=job["total_steps"])
         if job["state"] in FINISHED_STATES:
             return job
+
+
+# ----- interactive sessions ------------------------------------------------------------------
+
+SESSION_TIMEOUT_S = 3600.0  # loading a large model, or a long generation
+
+
+async def in_session(client: Client, args, opened: dict, msg_type: str, request: dict,
+                     on_token) -> tuple[dict, dict]:
+    """Open a session, run one monitor or steer request in it, close it. Each token event goes
+    to `on_token` as it arrives; the reply holds the whole answer. Ctrl-C cancels the run.
+
+    The events are followed from before the session opens (all sessions' topics, filtered
+    here), so that the subscription is in place before the first token is published."""
+    client.subscribe("session.")
+    session = await client.request("session.open", opened, timeout=SESSION_TIMEOUT_S)
+    session_id = session["session"]
+    reader = asyncio.create_task(_session_tokens(client, f"session.{session_id}", on_token))
+    try:
+        reply = await client.request(msg_type, {**request, "session": session_id},
+                                     timeout=SESSION_TIMEOUT_S)
+        with contextlib.suppress(TimeoutError):  # the events may trail the reply a little
+            await asyncio.wait_for(reader, _POLL_S)
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        with contextlib.suppress(MistudioError):
+            await client.request("session.cancel", {"session": session_id})
+        raise
+    finally:
+        reader.cancel()
+        with contextlib.suppress(MistudioError):
+            await client.request("session.close", {"session": session_id})
+    return session, {key: value for key, value in reply.items() if key not in ("ok", "run")}
+
+
+async def _session_tokens(client: Client, topic: str, on_token) -> None:
+    """Pass the session's token events to `on_token` until its run ends."""
+    while True:
+        event = await client.next_event()
+        if event is None or event.topic != topic:
+            continue
+        if event.content.get("kind") == "end":
+            return
+        on_token(event.content)
 
 
 # ----- control-plane commands ------------------------------------------------------------------

@@ -78,6 +78,7 @@ class Daemon:
         self.context = zmq.asyncio.Context()
         self.event_sockets: list[zmq.asyncio.Socket] = []
         self.hosts: dict = {}
+        self.sessions: dict[str, str] = {}  # open interactive session -> its model host's device
         self._host_locks: dict[str, asyncio.Lock] = {}
         self._stop = asyncio.Event()
         self._wake = asyncio.Event()
@@ -355,7 +356,8 @@ class Daemon:
             host = self.hosts.get(device)
             if host is None:
                 budget = await asyncio.to_thread(_host_budget, self._gpu_snapshot, device)
-                host = ModelHostClient(device, self.paths.runtime_dir, self.session.key, budget)
+                host = ModelHostClient(device, self.paths.runtime_dir, self.session.key, budget,
+                                       on_event=self.publish)
                 self.hosts[device] = host
             await host.start()  # a no-op while it runs; restarts a host that died
         return await host.request(msg_type, content, timeout=timeout)
@@ -389,7 +391,7 @@ def _owner_pid(connection_file: Path) -> int | None:
 
 
 def _target(request: dict, content: dict) -> str:
-    for key in ("id", "name", "model", "upload_id"):
+    for key in ("id", "name", "model", "session", "upload_id"):
         if request.get(key):
             return str(request[key])
     job = content.get("job") if isinstance(content, dict) else None

@@ -11,6 +11,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from sae_builders import save_relu_sae
 
 from mistudio_core.correlate import (
     CorrelateConfig,
@@ -22,25 +23,14 @@ from mistudio_core.errors import MistudioError
 from mistudio_core.explanation_index import search_explanations
 from mistudio_core.feature_store import FeatureStore
 from mistudio_core.models import ModelSpec, load_model
-from mistudio_core.sae import SAEConfig, SAEMetadata, SparseAutoencoder, save_sae
 
 NEAR_COSINE = 0.95
 TEXT = "The cat watched the cat after lunch."
 
 
 def _save_sae(directory, decoder: torch.Tensor, encoder: torch.Tensor | None = None,
-              b_enc: torch.Tensor | None = None, hook: str = "layers.0.resid_pre",
-              context_size: int = 32):
-    d_sae, d_in = decoder.shape
-    sae = SparseAutoencoder(SAEConfig("relu", d_in, d_sae))
-    with torch.no_grad():
-        sae.W_dec.copy_(decoder)
-        if encoder is not None:
-            sae.encoder_weight.copy_(encoder)
-        if b_enc is not None:
-            sae.b_enc.copy_(b_enc)
-    metadata = SAEMetadata(model_name="tiny", hook_name=hook, context_size=context_size)
-    return save_sae(sae, directory, metadata, {})
+              b_enc: torch.Tensor | None = None, context_size: int = 32):
+    return save_relu_sae(directory, decoder, encoder, b_enc, context_size=context_size)
 
 
 def _known_cosines_decoder() -> torch.Tensor:

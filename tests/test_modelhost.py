@@ -187,7 +187,7 @@ def test_host_reports_bad_requests_and_keeps_serving(runner, host, tmp_path):
 
     *errors, ping = runner.run(scenario())
     assert [error_code(reply) for reply in errors] == [
-        "model_not_found", "bad_request", "bad_request", "bad_input", "unknown_request"]
+        "model_not_found", "bad_request", "bad_request", "bad_request", "unknown_request"]
     assert ping["ok"]
 
 

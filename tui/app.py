@@ -25,8 +25,10 @@ from tui.screens.feature_card import FeatureCardScreen
 from tui.screens.features import FeaturesScreen, sae_dir_of
 from tui.screens.help import HelpScreen
 from tui.screens.job_detail import JobScreen
+from tui.screens.monitor import MonitorScreen
 from tui.screens.new_job import NewJobScreen
 from tui.screens.sae_picker import SaePickerScreen
+from tui.screens.steer import SteerScreen
 from tui.state import DaemonState
 
 THEMES = ("textual-dark", "textual-light")
@@ -36,7 +38,8 @@ class MistudioApp(App):
     TITLE = "miStudio"
     CSS_PATH = ["app.tcss", "widgets/status_line.tcss", "widgets/gpu_panel.tcss",
                 "widgets/request_error.tcss", "widgets/token_text.tcss",
-                "widgets/activation_histogram.tcss"]
+                "widgets/activation_histogram.tcss", "widgets/token_view.tcss",
+                "widgets/steering_rows.tcss"]
     HORIZONTAL_BREAKPOINTS = [(130, "-wide")]
     VERTICAL_BREAKPOINTS = [(40, "-tall")]
     BINDINGS = [
@@ -74,6 +77,10 @@ class MistudioApp(App):
                             self.action_new_job)
         yield SystemCommand("Browse features", "an SAE's features: sort, search, open a card",
                             self.open_features)
+        yield SystemCommand("Monitor features", "type text, see an SAE's features fire per token",
+                            self.open_monitor)
+        yield SystemCommand("Steer generation", "an SAE's features added or clamped, beside "
+                            "the unsteered text", self.open_steer)
         yield SystemCommand("Help", "what each screen does, and its keys", self.action_help)
         saes = list(dict.fromkeys(sae_dir_of(job) for job in self.state.jobs_newest_first()
                                   if job["kind"] in ("train", "find")
@@ -81,6 +88,10 @@ class MistudioApp(App):
         for sae_dir in filter(None, saes):
             yield SystemCommand(f"Browse features of {sae_dir}", "its features list",
                                 partial(self.open_features, sae_dir))
+            yield SystemCommand(f"Monitor features of {sae_dir}", "which fire on a text",
+                                partial(self.open_monitor, sae_dir))
+            yield SystemCommand(f"Steer with {sae_dir}", "its features, beside the baseline",
+                                partial(self.open_steer, sae_dir))
         for job in self.state.jobs_newest_first():
             label = f"{job['kind']} job {job['id']} ({job['state']})"
             yield SystemCommand(f"Open {label}", "its curves, log and result",
@@ -104,8 +115,7 @@ class MistudioApp(App):
         """The features of the SAE in `sae_dir` (a directory on the daemon's machine), or
         with none, the list of SAEs to choose from."""
         if sae_dir is None:
-            if not isinstance(self.screen, SaePickerScreen):
-                self.push_screen(SaePickerScreen())
+            self._pick_sae("features")
         elif not (isinstance(self.screen, FeaturesScreen) and self.screen.sae_dir == sae_dir):
             self.push_screen(FeaturesScreen(sae_dir))
 
@@ -115,6 +125,28 @@ class MistudioApp(App):
         if not (isinstance(screen, FeatureCardScreen) and screen.sae_dir == sae_dir
                 and screen.feature_id == feature_id):
             self.push_screen(FeatureCardScreen(sae_dir, feature_id))
+
+    def open_monitor(self, sae_dir: str | None = None, model: str | None = None) -> None:
+        """The monitor of the SAE in `sae_dir` (its model given, or read from its config), or
+        with none, the list of SAEs to choose from."""
+        if sae_dir is None:
+            self._pick_sae("monitor")
+        elif not (isinstance(self.screen, MonitorScreen) and self.screen.sae_dir == sae_dir):
+            self.push_screen(MonitorScreen(sae_dir, model))
+
+    def open_steer(self, sae_dir: str | None = None, feature: int | None = None,
+                   model: str | None = None) -> None:
+        """Steering with the SAE in `sae_dir`, starting with `feature` if given; with no SAE,
+        the list of SAEs to choose from."""
+        if sae_dir is None:
+            self._pick_sae("steer")
+        elif not (isinstance(self.screen, SteerScreen) and self.screen.sae_dir == sae_dir):
+            self.push_screen(SteerScreen(sae_dir, feature, model))
+
+    def _pick_sae(self, purpose: str) -> None:
+        screen = self.screen
+        if not (isinstance(screen, SaePickerScreen) and screen.purpose == purpose):
+            self.push_screen(SaePickerScreen(purpose))
 
     def action_dashboard(self) -> None:
         while not isinstance(self.screen, DashboardScreen) and len(self.screen_stack) > 2:

@@ -12,11 +12,16 @@ connection), and the link resyncs on that event and on the first event after eve
 curves are on screen (the running ones, the watched ones, and the latest finished ones that the
 dashboard falls back to), so nothing shown is stale or has holes. Logs are kept only for the
 jobs a screen watches.
+
+The monitor and steer screens follow their interactive sessions' events (`session.<id>`) through
+the same connection (`follow_session`): the link passes them on as the state's `session_event`
+and closes the sessions still open when the TUI quits.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -26,11 +31,12 @@ import zmq
 from mistudio_core.errors import MistudioError
 from mistudiod.client import Client, Event
 from mistudiod.protocol import FINISHED_STATES
-from tui.state import CURVES, DaemonState
+from tui.state import CURVES, DaemonState, SessionEvent
 
 QUIET_AFTER_S = 3.5
 REQUEST_TIMEOUT_S = 10.0
 MAX_RETRY_DELAY_S = 4.0
+CLOSE_TIMEOUT_S = 2.0  # per session still open when the TUI quits
 JOB_LIST_LIMIT = 500
 METRICS_PAGE = 10_000  # points per `job.metrics` request (the daemon's default limit)
 LOGS_PAGE = 1000  # entries per `job.logs` request (the daemon's default limit)
@@ -45,6 +51,7 @@ class DaemonLink:
         self.client: Client | None = None
         # jobs whose whole history (log included) a screen shows, with how many screens do
         self.watched: Counter[int] = Counter()
+        self.sessions: set[str] = set()  # the interactive sessions whose events screens follow
         self.resyncs = 0
 
     # ----- requests for screens ----------------------------------------------------------------
@@ -82,6 +89,18 @@ class DaemonLink:
             del self.watched[job_id]
             self.state.logs.pop(job_id, None)
 
+    def follow_session(self, session_id: str) -> None:
+        """Pass the session's events on (`DaemonState.session_event`) from now on."""
+        self.sessions.add(session_id)
+        if self.client is not None:
+            self.client.subscribe(_session_topic(session_id))
+
+    def unfollow_session(self, session_id: str) -> None:
+        """The session is closed: its events are no longer followed."""
+        self.sessions.discard(session_id)
+        if self.client is not None:
+            self.client.unsubscribe(_session_topic(session_id))
+
     async def upload_corpus(self, path: str,
                             on_progress: Callable[[int, int], None] | None = None) -> dict:
         """Upload a local file as a corpus (see `Client.upload_corpus`)."""
@@ -96,7 +115,8 @@ class DaemonLink:
             try:
                 if self.client is None:
                     self.client = Client(self.runtime_dir, tcp=self.tcp, timeout=REQUEST_TIMEOUT_S)
-                    self.client.subscribe("daemon.status", "gpu.", "job.")
+                    self.client.subscribe("daemon.status", "gpu.", "job.",
+                                          *map(_session_topic, self.sessions))
                 else:
                     self.client.reconnect()
                 await self._follow()
@@ -111,16 +131,26 @@ class DaemonLink:
             await asyncio.sleep(delay)
 
     async def close(self) -> None:
-        if self.client is not None:
-            await self.client.close()
-            self.client = None
+        """Close the sessions screens left open (their models stay loaded in the daemon's
+        model host, for whoever asks next), then the connection."""
+        if self.client is None:
+            return
+        for session_id in list(self.sessions) if self.connected else ():
+            with contextlib.suppress(MistudioError):
+                await self.client.request("session.close", {"session": session_id},
+                                          timeout=CLOSE_TIMEOUT_S)
+        self.sessions.clear()
+        await self.client.close()
+        self.client = None
 
     async def _follow(self) -> None:
         """Apply events until the daemon goes quiet. Resync whenever the stream says so, and on
         the first event after every (re)connect: events may have been missed meanwhile even
-        when the sequence numbers run on."""
+        when the sequence numbers run on. A gap in a session's events needs none: nothing of
+        them is cached, and the run's reply carries its whole result."""
         while (event := await self.client.next_event(timeout=QUIET_AFTER_S)) is not None:
-            if event.resync or not self.state.connection.connected:
+            gap = event.resync and not event.topic.startswith("session.")
+            if gap or not self.state.connection.connected:
                 await self._resync()
             await self._apply(event)
 
@@ -174,6 +204,10 @@ class DaemonLink:
         topic, content, state = event.topic, event.content, self.state
         if topic == "daemon.status":
             state.apply_status(content)
+        elif topic.startswith("session."):
+            session_id = topic.removeprefix("session.")
+            if session_id in self.sessions:
+                state.apply_session_event(SessionEvent(session_id, content))
         elif topic.startswith("gpu."):
             state.apply_gpu(content)
         elif topic.endswith(".state"):
@@ -186,3 +220,7 @@ class DaemonLink:
             job_id = content["job_id"]
             if job_id in self.watched:  # other jobs' logs are not kept (see `watch_job`)
                 state.apply_logs(job_id, [{k: v for k, v in content.items() if k != "job_id"}])
+
+
+def _session_topic(session_id: str) -> str:
+    return f"session.{session_id}"

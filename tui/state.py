@@ -27,6 +27,14 @@ class Connection:
     message: str
 
 
+@dataclass(frozen=True)
+class SessionEvent:
+    """One event of an interactive session (`session.<id>`): a token of a run, or its end."""
+
+    session: str
+    content: dict
+
+
 @dataclass
 class GpuHistory:
     """The latest reading of one GPU (or of the CPU) and its recent utilization and memory."""
@@ -98,6 +106,7 @@ class DaemonState:
         self.jobs_replaced: Signal[None] = Signal(owner, "jobs_replaced")
         self.metrics_added: Signal[int] = Signal(owner, "metrics_added")
         self.log_added: Signal[int] = Signal(owner, "log_added")
+        self.session_event: Signal[SessionEvent] = Signal(owner, "session_event")
 
     # ----- connection and daemon ---------------------------------------------------------------
 
@@ -215,6 +224,13 @@ class DaemonState:
 
     def jobs_newest_first(self) -> list[dict]:
         return sorted(self.jobs.values(), key=lambda job: job["id"], reverse=True)
+
+    # ----- interactive sessions ----------------------------------------------------------------
+
+    def apply_session_event(self, event: SessionEvent) -> None:
+        """Not cached: the screen that opened the session keeps its own view of the run, and
+        the run's reply replaces that view whole (events may be dropped)."""
+        self.session_event.publish(event)
 
 
 def _new_attempt(old: dict | None, new: dict) -> bool:

@@ -9,9 +9,9 @@ back. It all scrolls, so it reads at 80x24.
 
 `e` explains this one feature again (the offline `stats` explainer) and `s` scores its latest
 explanation (the offline `rule` scorer), as jobs: the card says how each job is doing, from the
-job events the app already follows, and reads the feature again once it succeeds. Reading runs
-in an exclusive worker; a failed read keeps what was shown and says why, and `r` (or the app
-reconnecting) reads again.
+job events the app already follows, and reads the feature again once it succeeds. `m` monitors
+the SAE, `S` steers with this feature (`s` being score). Reading runs in an exclusive worker; a
+failed read keeps what was shown and says why, and `r` (or the app reconnecting) reads again.
 """
 
 from __future__ import annotations
@@ -52,6 +52,8 @@ class FeatureCardScreen(ReadingScreen):
         Binding("e", "explain", "Explain"),
         Binding("s", "score", "Score"),
         Binding("r", "reload", "Reload"),
+        Binding("m", "monitor", "Monitor"),
+        Binding("S", "steer", "Steer"),
         Binding("tab", "app.focus_next", "Next list"),
     ]
 
@@ -127,6 +129,12 @@ class FeatureCardScreen(ReadingScreen):
     @on(OptionList.OptionSelected)
     def _jump(self, event: OptionList.OptionSelected) -> None:
         self.app.open_feature(self.sae_dir, int(event.option.id))
+
+    def action_monitor(self) -> None:
+        self.app.open_monitor(self.sae_dir)
+
+    def action_steer(self) -> None:
+        self.app.open_steer(self.sae_dir, self.feature_id)
 
     # ----- explain and score -------------------------------------------------------------------
 

@@ -5,7 +5,8 @@ An SAE may have 65k features, so the screen never asks for all of them: it reads
 comes within `PREFETCH` rows of the end. `s` cycles the sort (id, density, max and mean
 activation, score), `S` reverses it. `/` goes to the search box: plain text keeps the features
 whose explanation contains it (or the feature of that id), `~text` asks for the explanations
-closest in meaning (`feature.search`); typing is debounced, Enter searches at once.
+closest in meaning (`feature.search`); typing is debounced, Enter searches at once. `m` monitors
+the SAE, on the model its features were found with.
 
 Every request runs in one exclusive worker, so a newer sort or search cancels the one in flight
 and keys never wait on the daemon. A failed request leaves the rows shown and says why under
@@ -96,6 +97,7 @@ class FeaturesScreen(ReadingScreen):
         Binding("s", "next_sort", "Sort"),
         Binding("S", "reverse", "Reverse"),
         Binding("r", "reload", "Reload"),
+        Binding("m", "monitor", "Monitor"),
     ]
 
     def __init__(self, sae_dir: str) -> None:
@@ -222,6 +224,10 @@ class FeaturesScreen(ReadingScreen):
             self.load(self._failed[1])  # the next page that failed: the rows read stay
         else:
             self.load()
+
+    def action_monitor(self) -> None:
+        """Monitor this SAE, on the model its features were found with."""
+        self.app.open_monitor(self.sae_dir, self.meta.get("model_id"))
 
     def action_search(self) -> None:
         self.query_one("#features-search", Input).focus()

@@ -22,6 +22,11 @@ language model's activations, shows their progress live, and browses the feature
 - **Features** (`f`): an SAE's features, sorted and searched (`~` searches by meaning); a
   feature's card shows its top examples shaded by activation, its range, histogram, logit
   effects, explanations, scores and neighbours, and explains or scores it again.
+- **Monitor** (`m` on an SAE, its features or a card): type or paste text and see each token
+  shaded by a feature's activation, with the strongest features of the token under the cursor;
+  or let the model generate after the text and watch it stream.
+- **Steer** (`S` on a feature's card): a prompt continued twice, as the model does and with
+  features added or clamped at chosen strengths, side by side as they stream.
 
 The TUI never waits on the network: when the daemon stops, the status line says
 *disconnected, retrying*, and everything resyncs when it is back. `ctrl+p` opens the command
@@ -43,16 +48,21 @@ class HelpScreen(ModalScreen[None]):
 
 
 def keys_table(screen: Screen) -> str:
-    """The keys active on `screen` (its own, its widgets' from this package, like the jobs
-    table's enter, and the app's), as a Markdown table."""
+    """The keys active on `screen` (its own and its base classes', like the monitor's run key,
+    its widgets' from this package, like the jobs table's enter, and the app's), as a Markdown
+    table."""
     rows = []
     seen = set()
     widgets = [widget for widget in screen.query("*")
                if type(widget).__module__.startswith("tui.")]
     for node in (screen, *widgets, screen.app):
-        for binding in type(node).__dict__.get("BINDINGS", []):
-            binding = binding if isinstance(binding, Binding) else Binding(*binding)
-            if binding.description and binding.action not in seen:
-                seen.add(binding.action)
-                rows.append(f"| `{binding.key.replace(',', '`, `')}` | {binding.description} |")
+        for cls in type(node).__mro__:
+            if not cls.__module__.startswith("tui."):
+                continue
+            for binding in cls.__dict__.get("BINDINGS", []):
+                binding = binding if isinstance(binding, Binding) else Binding(*binding)
+                if binding.description and binding.action not in seen:
+                    seen.add(binding.action)
+                    rows.append(f"| `{binding.key.replace(',', '`, `')}` | "
+                                f"{binding.description} |")
     return "## Keys here\n\n| key | action |\n|---|---|\n" + "\n".join(rows)
