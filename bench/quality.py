@@ -108,7 +108,7 @@ def same_batches(job: runs.TrainJob, hook: HookPoint, d_in: int, device: torch.d
     """The batches `train_sae` trained on, in the same order, read back from its cache."""
     corpus = Corpus.open(job.corpus, job.text_field)
     dtype = resolve_dtype(job.model.dtype, device)
-    cache = ActivationCache(Path(job.cache), runs._cache_key(job, corpus, hook, d_in), dtype)
+    cache = ActivationCache(Path(job.cache), runs._cache_key(job, corpus, [hook], d_in), dtype)
 
     def extractor():
         model = load_model(job.model, up_to_layer=hook.layer)

@@ -162,14 +162,18 @@ class CachedActivationSource:
     def d_in(self) -> int:
         return int(self.cache.key["d_in"])
 
-    def chunks(self, start: int = 0) -> Iterator[ActivationChunk]:
+    def chunks(self, start: int = 0,
+               wanted: Callable[[int], bool] | None = None) -> Iterator[ActivationChunk]:
+        """Chunks from index `start` on (only the `wanted` ones), from the cache while it has
+        them; the extraction appends what comes next in order."""
         index = start
         while index < self.cache.n_chunks:
-            yield self.cache.chunk(index)
+            if wanted is None or wanted(index):
+                yield self.cache.chunk(index)
             index += 1
         if self._extractor is None:
             self._extractor = self._make_extractor()
-        for chunk in self._extractor.chunks(index):
+        for chunk in self._extractor.chunks(index, wanted):
             if chunk.index == self.cache.next_index:
                 self.cache.append(chunk)
             yield chunk

@@ -15,8 +15,9 @@ uninterrupted one would have, without saving the buffer in the checkpoint.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -24,6 +25,9 @@ from mistudio_core.corpus import Corpus, pack_windows
 from mistudio_core.errors import MistudioError
 from mistudio_core.hooks import HookPoint
 from mistudio_core.models import HookedModel
+
+if TYPE_CHECKING:
+    from mistudio_core.distributed import DataParallel
 
 
 @dataclass(frozen=True)
@@ -107,13 +111,16 @@ class ModelActivationSource:
                     code="bad_corpus",
                 )
 
-    def chunks(self, start: int = 0) -> Iterator[ActivationChunk]:
-        """Chunks from index `start` on; earlier windows are packed but never run."""
+    def chunks(self, start: int = 0,
+               wanted: Callable[[int], bool] | None = None) -> Iterator[ActivationChunk]:
+        """Chunks from index `start` on (only the `wanted` ones, by index); earlier windows, and
+        those of unwanted chunks, are packed but never run."""
         size = self.config.batch_windows
         windows = itertools.islice(self.windows(), start * size, None)
         for index in itertools.count(start):
             batch = list(itertools.islice(windows, size))
-            yield self.run_windows(index, torch.tensor(batch, dtype=torch.long))
+            if wanted is None or wanted(index):
+                yield self.run_windows(index, torch.tensor(batch, dtype=torch.long))
 
     def run_windows(self, index: int, input_ids: torch.Tensor) -> ActivationChunk:
         """Forward `input_ids` [n_windows, context], keeping only non-special positions."""
@@ -138,7 +145,10 @@ class StreamPosition:
 
 
 class ShuffledBatches:
-    """Training batches drawn from shuffled blocks of chunks, resumable at a StreamPosition."""
+    """Training batches drawn from shuffled blocks of chunks, resumable at a StreamPosition.
+
+    In a data-parallel run (`parallel`), this process takes only the blocks it owns (see
+    `mistudio_core.distributed`); positions count blocks of the whole stream."""
 
     def __init__(
         self,
@@ -148,6 +158,7 @@ class ShuffledBatches:
         block_chunks: int,
         seed: int,
         device: torch.device,
+        parallel: DataParallel | None = None,
     ) -> None:
         if batch_tokens < 1 or block_chunks < 1:
             raise MistudioError("batch size and buffer size must be positive", hint="use 4096")
@@ -157,14 +168,26 @@ class ShuffledBatches:
         self.block_chunks = block_chunks
         self.seed = seed
         self.device = device
+        self.parallel = parallel
+
+    def earliest(self, step: int, position: StreamPosition) -> tuple[int, StreamPosition]:
+        """Where a run of trainers at `step` and `position` starts this stream: there (other
+        streams agree on it with other processes first)."""
+        return step, position
 
     def batches(
         self, start: StreamPosition = StreamPosition()
     ) -> Iterator[tuple[dict[HookPoint, torch.Tensor], StreamPosition]]:
         """Batches of `batch_tokens` rows per hook, each with the position just after it."""
-        chunks = self.source.chunks(start.block * self.block_chunks)
+        owned = self.parallel.owns_block if self.parallel else (lambda _block: True)
+        wanted = None if self.parallel is None else (
+            lambda index: owned(index // self.block_chunks))
+        chunks = self.source.chunks(start.block * self.block_chunks, wanted)
         skip = start.batch
         for block in itertools.count(start.block):
+            if not owned(block):
+                skip = 0
+                continue
             buffer = self._block(chunks)
             n_tokens = next(iter(buffer.values())).shape[0]
             n_batches = n_tokens // self.batch_tokens

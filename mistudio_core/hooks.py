@@ -17,6 +17,7 @@ from mistudio_core.errors import MistudioError
 
 SITES = ("resid_pre", "resid_post", "attn_out", "mlp_out")
 _HOOK_PATTERN = re.compile(r"^layers\.(\d+)\.([a-z_]+)$")
+_EVERY_LAYER = re.compile(r"^layers\.\*\.([a-z_]+)$")
 
 
 @dataclass(frozen=True, order=True)
@@ -43,14 +44,21 @@ class HookPoint:
         return self.name
 
 
-def parse_hooks(spec: str | list[str]) -> list[HookPoint]:
-    """Parse one hook name or a comma-separated list of them, keeping their order, no repeats."""
+def parse_hooks(spec: str | list[str], n_layers: int | None = None) -> list[HookPoint]:
+    """Parse one hook name or a comma-separated list of them, keeping their order, no repeats.
+
+    `layers.*.SITE` stands for that site of every layer: it needs the model's `n_layers` (without
+    it, only its syntax is checked and it stands for layer 0)."""
     names = spec.split(",") if isinstance(spec, str) else spec
     hooks: list[HookPoint] = []
     for name in names:
-        hook = HookPoint.parse(name)
-        if hook not in hooks:
-            hooks.append(hook)
+        every_layer = _EVERY_LAYER.match(name.strip())
+        if every_layer:
+            site = HookPoint.parse(f"layers.0.{every_layer.group(1)}").site
+            expanded = [HookPoint(layer, site) for layer in range(n_layers or 1)]
+        else:
+            expanded = [HookPoint.parse(name)]
+        hooks += [hook for hook in expanded if hook not in hooks]
     if not hooks:
         raise MistudioError("no hook given", hint="pass --hook layers.L.resid_post")
     return hooks

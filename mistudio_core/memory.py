@@ -16,12 +16,17 @@ For quantization q, a forward batch of B tokens and an SAE of width d_sae on d_i
 A run fits when `total` for one sequence (B = context_size) is free; the recommended batch is then
 the largest power of two B (up to 65536) that still fits. The numbers are meant to be decided on,
 so they lean high: a "fits" here should fit in practice.
+
+Models larger than one GPU: when a quantization does not fit on the best GPU and there are several,
+the preflight spreads the loaded blocks over them (`SplitPlan`), each GPU priced by the same formula
+for its own part; `load_model` with `device="auto"` loads by that plan (`auto_placement`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, replace
 from types import ModuleType
 
 import psutil
@@ -197,14 +202,41 @@ def bytes_per_parameter(quantization: str, dtype: torch.dtype) -> float:
     )
 
 
+@dataclass(frozen=True)
+class LoadedWeights:
+    """The weights one load holds, in the two parts a split over GPUs places separately:
+    `n_blocks` blocks of `block_bytes` each, and everything outside the blocks (`outside_bytes`:
+    the embeddings, plus the final norm and the head when the whole model is loaded)."""
+
+    outside_bytes: int
+    block_bytes: int
+    n_blocks: int
+
+    @property
+    def total(self) -> int:
+        return self.outside_bytes + self.n_blocks * self.block_bytes
+
+
+def loaded_weights(
+    params: ParameterCount, layer: int | None, quantization: str, dtype: torch.dtype
+) -> LoadedWeights:
+    """Bitsandbytes quantizes only the blocks' Linear weights: a block's norms and biases, and
+    everything outside the blocks, stay in `dtype`."""
+    n_blocks = _blocks_loaded(params, layer)
+    quantizable = params.quantizable_per_layer
+    block = round(
+        quantizable * bytes_per_parameter(quantization, dtype)
+        + (params.per_layer - quantizable) * dtype.itemsize
+    )
+    outside = (params.up_to_layer(layer) - n_blocks * params.per_layer) * dtype.itemsize
+    return LoadedWeights(outside, block, n_blocks)
+
+
 def weight_bytes(
     params: ParameterCount, layer: int | None, quantization: str, dtype: torch.dtype
 ) -> int:
-    """Bytes of the loaded weights: bitsandbytes quantizes only the blocks' Linear weights and
-    keeps embeddings, norms, biases and the head in `dtype`."""
-    quantizable = _blocks_loaded(params, layer) * params.quantizable_per_layer
-    kept = params.up_to_layer(layer) - quantizable
-    return round(quantizable * bytes_per_parameter(quantization, dtype) + kept * dtype.itemsize)
+    """Bytes of the loaded weights (see `loaded_weights`)."""
+    return loaded_weights(params, layer, quantization, dtype).total
 
 
 def sae_bytes(d_in: int, d_sae: int) -> int:
@@ -233,7 +265,11 @@ def activation_bytes_per_token(
     attention = 4 * hidden + 2 * text.num_attention_heads * context_size
     mlp = 3 * (intermediate or 4 * hidden)
     per_token = (2 * hidden + max(attention, mlp)) * dtype.itemsize
-    return per_token + (text.vocab_size * _FP32_BYTES if logits else 0)
+    return per_token + (_logit_bytes_per_token(config) if logits else 0)
+
+
+def _logit_bytes_per_token(config: PreTrainedConfig) -> int:
+    return config.get_text_config().vocab_size * _FP32_BYTES
 
 
 @dataclass(frozen=True)
@@ -323,6 +359,8 @@ class MemoryEstimate:
     fits: bool
     device: str
     recommended_batch_tokens: int | None
+    # Only when it does not fit on the device but fits over several GPUs: how (see `SplitPlan`).
+    split: SplitPlan | None = None
 
 
 def _required_bytes(payload: int, device: DeviceMemory) -> int:
@@ -340,32 +378,172 @@ def _largest_batch(fixed: int, per_token: int, device: DeviceMemory) -> int:
     return tokens
 
 
-def _estimate(
-    quantization: str,
-    weights: int,
-    sae: int,
-    per_token: int,
-    context_size: int,
-    device: DeviceMemory,
-) -> MemoryEstimate:
-    activations = per_token * context_size
-    total = _required_bytes(weights + activations + sae, device)
+@dataclass(frozen=True)
+class _Load:
+    """What one load needs before the margin and the CUDA context: its weights, the SAE trained
+    beside it and, per token of a forward batch, a block's activations (on every GPU that runs
+    blocks) and the fp32 logits (where the head runs: one device, a split's first GPU)."""
+
+    quantization: str
+    weights: LoadedWeights
+    sae: int
+    block_per_token: int
+    logits_per_token: int
+
+    @property
+    def per_token(self) -> int:
+        return self.block_per_token + self.logits_per_token
+
+    @classmethod
+    def of(cls, config: PreTrainedConfig, params: ParameterCount, layer: int | None,
+           quantization: str, dtype: torch.dtype, context_size: int,
+           d_sae: int | None) -> _Load:
+        """`layer` None: the whole model, with a causal LM's logits."""
+        hidden = config.get_text_config().hidden_size
+        whole_lm = layer is None and not is_encoder(config)
+        return cls(
+            quantization,
+            loaded_weights(params, layer, quantization, dtype),
+            sae_bytes(hidden, d_sae or SAE_EXPANSION * hidden),
+            activation_bytes_per_token(config, context_size, dtype, logits=False),
+            _logit_bytes_per_token(config) if whole_lm else 0,
+        )
+
+
+def _estimate(load: _Load, context_size: int, device: DeviceMemory) -> MemoryEstimate:
+    weights = load.weights.total
+    activations = load.per_token * context_size
+    total = _required_bytes(weights + activations + load.sae, device)
     fits = total <= device.free_bytes
     return MemoryEstimate(
-        quantization=quantization,
+        quantization=load.quantization,
         weights_bytes=weights,
         activations_bytes=activations,
-        sae_bytes=sae,
+        sae_bytes=load.sae,
         total_bytes=total,
         fits=fits,
         device=device.name,
-        recommended_batch_tokens=_largest_batch(weights + sae, per_token, device) if fits else None,
+        recommended_batch_tokens=(
+            _largest_batch(weights + load.sae, load.per_token, device) if fits else None
+        ),
     )
 
 
 @dataclass(frozen=True)
+class GpuShare:
+    """One GPU's part of a split model: the blocks `first_layer` .. `first_layer + n_layers - 1`
+    and, on the plan's first GPU, everything outside the blocks and the SAE. `weights_bytes` is
+    the model weights placed there; `total_bytes` what must be free for its part with the
+    activations of the plan's batch (margin and CUDA context included, as in `MemoryEstimate`)."""
+
+    device: str
+    first_layer: int
+    n_layers: int
+    weights_bytes: int
+    total_bytes: int
+    free_bytes: int
+
+    @property
+    def index(self) -> int:
+        """The CUDA index, as `from_pretrained`'s device map names a GPU."""
+        return _cuda_index(self.device)
+
+
+@dataclass(frozen=True)
+class SplitPlan:
+    """A model spread over GPUs, block by block, for when it fits on no GPU alone.
+
+    The GPUs are filled in CUDA index order. The first (cuda:0: where `device="auto"` loads,
+    where the inputs go and the trainer keeps the SAE) holds the embeddings, the final norm, the
+    head and the SAE, then as many blocks as fit; the next GPU takes the following blocks, and so
+    on. So a model takes as few GPUs as it can, and activations cross between GPUs only where the
+    blocks do. Every GPU keeps room for the activations of `recommended_batch_tokens` tokens: the
+    largest power of two (<= 65536) with which the whole model still fits, so that a run's real
+    batch does not meet a GPU filled to the brim with room for one sequence only.
+    """
+
+    shares: list[GpuShare]
+    recommended_batch_tokens: int
+
+    @property
+    def main_gpu(self) -> int:
+        """The GPU of the embeddings: where inputs go and captured activations are gathered."""
+        return self.shares[0].index
+
+    def block_gpus(self) -> list[int]:
+        """The CUDA index of every loaded block, in block order."""
+        return [share.index for share in self.shares for _ in range(share.n_layers)]
+
+
+def _plan_split(load: _Load, context_size: int, gpus: Sequence[DeviceMemory]) -> SplitPlan | None:
+    """`load` spread over `gpus` (in that order) as `SplitPlan` says; None when it does not fit
+    even with the activations of one sequence (`context_size` tokens)."""
+    if _fill(load, context_size, gpus) is None:
+        return None
+    tokens = MAX_BATCH_TOKENS
+    while (shares := _fill(load, tokens, gpus)) is None:
+        tokens //= 2  # ends: one sequence fits, so any smaller batch does
+    return SplitPlan(shares, tokens)
+
+
+def _fill(load: _Load, tokens: int, gpus: Sequence[DeviceMemory]) -> list[GpuShare] | None:
+    """The blocks poured onto `gpus` in order, each GPU keeping room for the activations of
+    `tokens` tokens (the first also for the weights outside the blocks, the logits and the
+    SAE); None when blocks are left over or the first GPU cannot hold its own part."""
+    weights = load.weights
+    shares: list[GpuShare] = []
+    placed = 0
+    for index, gpu in enumerate(gpus):
+        first = index == 0
+        outside = weights.outside_bytes if first else 0
+        per_token = load.per_token if first else load.block_per_token
+        fixed = tokens * per_token + outside + (load.sae if first else 0)
+        room = _blocks_beside(fixed, weights.block_bytes, gpu)
+        if first and room < 0:
+            return None
+        count = max(0, min(room, weights.n_blocks - placed))
+        if first or count:
+            shares.append(GpuShare(
+                device=gpu.name,
+                first_layer=placed,
+                n_layers=count,
+                weights_bytes=outside + count * weights.block_bytes,
+                total_bytes=_required_bytes(fixed + count * weights.block_bytes, gpu),
+                free_bytes=gpu.free_bytes,
+            ))
+        placed += count
+        if placed == weights.n_blocks:
+            return shares
+    return None
+
+
+def _blocks_beside(fixed: int, block: int, gpu: DeviceMemory) -> int:
+    """How many blocks of `block` bytes fit on `gpu` beside `fixed` bytes (negative: not even
+    `fixed` fits)."""
+    payload = (gpu.free_bytes - CUDA_CONTEXT_BYTES) / (1 + SAFETY_MARGIN) - fixed
+    count = math.floor(payload / block)
+    while count >= 0 and _required_bytes(fixed + count * block, gpu) > gpu.free_bytes:
+        count -= 1  # `_required_bytes` rounds, so the division may be one block generous
+    return count
+
+
+def _gpus_in_order(devices: Iterable[DeviceMemory]) -> list[DeviceMemory]:
+    """The GPUs among `devices`, by CUDA index: the order a split fills them in."""
+    return sorted((d for d in devices if d.is_gpu), key=lambda d: _cuda_index(d.name))
+
+
+def _cuda_index(name: str) -> int:
+    """`cuda:3` -> 3."""
+    return int(name.split(":")[1])
+
+
+@dataclass(frozen=True)
 class MemoryReport:
-    """The preflight's answer for one model on the best device, for every quantization."""
+    """The preflight's answer for one model on the best device, for every quantization.
+
+    `recommended_quantization` is the least lossy one that fits on one device. Only when none
+    does, `recommended_split` is the least lossy one that fits split over `gpus` (a model on one
+    GPU runs faster and leaves the others to other jobs)."""
 
     model_id: str
     architecture: str
@@ -377,6 +555,8 @@ class MemoryReport:
     estimates: list[MemoryEstimate]
     full_model_estimates: list[MemoryEstimate]
     recommended_quantization: str | None
+    gpus: list[DeviceMemory]
+    recommended_split: str | None
 
     def to_dict(self) -> dict:
         """Plain JSON types only, for `mistudio check-memory --json` and the daemon."""
@@ -384,7 +564,8 @@ class MemoryReport:
 
     def summary(self) -> str:
         """A few lines for a person, under 80 columns: the model, the device, what each
-        quantization needs (the parts shared by all of them said once), the verdict."""
+        quantization needs (the parts shared by all of them said once; a split GPU by GPU),
+        the verdict."""
         scope = "whole model" if self.layer is None else f"up to layer {self.layer}"
         device, first = self.device, self.estimates[0]
         lines = [
@@ -396,25 +577,50 @@ class MemoryReport:
             f"{size(first.activations_bytes)}",
         ]
         for partial, full in zip(self.estimates, self.full_model_estimates, strict=True):
-            lines.append(_estimate_line(partial, full if self.layer is not None else None))
+            lines.append(_estimate_line(partial, full if self.layer is not None else None,
+                                        len(self.gpus)))
+            if partial.split is not None:
+                lines.extend(_share_line(share) for share in partial.split.shares)
         lines.append(self._verdict())
         return "\n".join(lines)
 
     def _verdict(self) -> str:
-        if self.recommended_quantization is None:
-            return "nothing fits: pick an earlier --layer, a smaller --d-sae, or a bigger device"
-        best = next(e for e in self.estimates if e.quantization == self.recommended_quantization)
-        return f"recommended: {best.quantization}, batch {best.recommended_batch_tokens} tokens"
+        if self.recommended_quantization is not None:
+            best = self.estimate_for(self.recommended_quantization)
+            return f"recommended: {best.quantization}, batch {best.recommended_batch_tokens} tokens"
+        if self.recommended_split is not None:
+            split = self.estimate_for(self.recommended_split).split
+            return (f"recommended: {self.recommended_split} over {len(split.shares)} GPUs, "
+                    f"batch {split.recommended_batch_tokens} tokens")
+        return "nothing fits: try 4bit, an earlier --layer, a smaller --d-sae or more GPUs"
+
+    def estimate_for(self, quantization: str) -> MemoryEstimate:
+        return next(e for e in self.estimates if e.quantization == quantization)
 
 
-def _estimate_line(estimate: MemoryEstimate, full: MemoryEstimate | None) -> str:
+def _estimate_line(estimate: MemoryEstimate, full: MemoryEstimate | None, n_gpus: int) -> str:
     """`  4bit  weights 2.8 GiB, needs 13.4 GiB (whole 16.3 GiB): fits, batch 65536`"""
-    verdict = f"fits, batch {estimate.recommended_batch_tokens}" if estimate.fits else "too big"
+    if estimate.fits:
+        verdict = f"fits, batch {estimate.recommended_batch_tokens}"
+    elif estimate.split is not None:
+        verdict = f"split, batch {estimate.split.recommended_batch_tokens}"
+    else:
+        verdict = f"too big for {n_gpus} GPUs" if n_gpus > 1 else "too big"
     whole = f" (whole {size(full.total_bytes)})" if full is not None else ""
     return (
         f"  {estimate.quantization:<4}  weights {size(estimate.weights_bytes)}, needs "
         f"{size(estimate.total_bytes)}{whole}: {verdict}"
     )
+
+
+def _share_line(share: GpuShare) -> str:
+    """`        cuda:1  layers 42-79  weights 16.4 GiB, needs 31.2 GiB of 79.1 GiB`"""
+    last = share.first_layer + share.n_layers - 1
+    layers = {0: "no layers", 1: f"layer {last}"}.get(
+        share.n_layers, f"layers {share.first_layer}-{last}"
+    )
+    return (f"        {share.device}  {layers:<13} weights {size(share.weights_bytes)}, "
+            f"needs {size(share.total_bytes)} of {size(share.free_bytes)}")
 
 
 def preflight(
@@ -428,7 +634,8 @@ def preflight(
     devices: list[DeviceMemory] | None = None,
 ) -> MemoryReport:
     """Price training an SAE on `model_id` (up to `layer` when given) on the device with the most
-    free memory, under every quantization; recommend the least lossy one that fits.
+    free memory, under every quantization; recommend the least lossy one that fits. With several
+    GPUs, a quantization that fits on none alone gets a `SplitPlan` over them when one exists.
 
     `d_sae` defaults to 16 x hidden. `devices` defaults to `available_devices()`; tests and the
     daemon's GPU manager pass their own. Raises `MistudioError` when `layer` is out of range or a
@@ -441,35 +648,75 @@ def preflight(
         )
     params = count_parameters(config)
     _blocks_loaded(params, layer)  # a layer out of range is refused before any pricing
-    device = max(devices or available_devices(), key=lambda d: d.free_bytes)
-    hidden = config.get_text_config().hidden_size
-    sae = sae_bytes(hidden, d_sae or SAE_EXPANSION * hidden)
-    has_logits = not is_encoder(config)
+    devices = devices or available_devices()
+    device = max(devices, key=lambda d: d.free_bytes)
+    gpus = _gpus_in_order(devices)
 
     def estimates(at_layer: int | None) -> list[MemoryEstimate]:
-        per_token = activation_bytes_per_token(
-            config, context_size, dtype, logits=at_layer is None and has_logits
-        )
-        return [
-            _estimate(
-                q, weight_bytes(params, at_layer, q, dtype), sae, per_token, context_size, device
-            )
-            for q in QUANTIZATIONS
-        ]
+        found = []
+        for q in QUANTIZATIONS:
+            load = _Load.of(config, params, at_layer, q, dtype, context_size, d_sae)
+            estimate = _estimate(load, context_size, device)
+            if not estimate.fits and len(gpus) > 1:
+                estimate = replace(estimate, split=_plan_split(load, context_size, gpus))
+            found.append(estimate)
+        return found
 
     partial = estimates(layer)
+    recommended = next((e.quantization for e in partial if e.fits), None)
     return MemoryReport(
         model_id=model_id,
         architecture=config.model_type,
         n_layers=params.n_layers,
-        hidden_size=hidden,
+        hidden_size=config.get_text_config().hidden_size,
         parameters=params,
         layer=layer,
         device=device,
         estimates=partial,
         full_model_estimates=partial if layer is None else estimates(None),
-        recommended_quantization=next((e.quantization for e in partial if e.fits), None),
+        recommended_quantization=recommended,
+        gpus=gpus,
+        recommended_split=None if recommended else next(
+            (e.quantization for e in partial if e.split is not None), None
+        ),
     )
+
+
+def auto_placement(
+    config: PreTrainedConfig,
+    *,
+    layer: int | None,
+    quantization: str,
+    dtype: torch.dtype,
+    gpus: Sequence[DeviceMemory] | None = None,
+    context_size: int = 128,
+) -> SplitPlan | None:
+    """Where `load_model` puts a model with `device="auto"` when several GPUs are visible: on the
+    first GPU (None) when it fits there as the preflight prices it (with a 16x SAE and one
+    sequence), else spread over the GPUs as `SplitPlan` says.
+
+    `gpus` defaults to this process's GPUs, read lazily: reading a GPU's free memory opens a
+    CUDA context on it (hundreds of MiB), which the other GPUs are spared when the model fits on
+    the first. Raises `MistudioError` when the model does not fit even split.
+    """
+    load = _Load.of(config, count_parameters(config), layer, quantization, dtype, context_size,
+                    None)
+    first = gpus[0] if gpus else _torch_gpu(0)
+    if _estimate(load, context_size, first).fits:
+        return None
+    gpus = gpus or [first, *(_torch_gpu(i) for i in range(1, torch.cuda.device_count()))]
+    plan = _plan_split(load, context_size, gpus)
+    if plan is None:
+        free = sum(g.free_bytes for g in gpus)
+        raise MistudioError(
+            f"the model does not fit on {len(gpus)} GPUs even split: its {quantization} weights "
+            f"are {size(load.weights.total)}, the GPUs have {size(free)} free in all, and each "
+            "also needs room for activations (the first for the SAE too)",
+            hint="use --quantization 4bit, an earlier layer (only the blocks up to it are "
+            "loaded), a smaller --d-sae, or more GPUs; `mistudio check-memory` shows what fits",
+            code="out_of_memory",
+        )
+    return plan
 
 
 def check_memory(
@@ -482,7 +729,8 @@ def check_memory(
     devices: list[DeviceMemory] | None = None,
 ) -> dict:
     """`mistudio check-memory`'s answer, in-process or from the daemon: the preflight report in
-    plain JSON types, the verdict for an asked quantization (`asked`), and the summary lines."""
+    plain JSON types, the verdict for an asked quantization (`asked`: on one device, `fits`, or
+    split over the GPUs, `fits_split`), and the summary lines."""
     if quantization != "auto" and quantization not in QUANTIZATIONS:
         raise MistudioError(f"unknown quantization {quantization!r}",
                             hint="use auto or one of " + ", ".join(QUANTIZATIONS),
@@ -491,7 +739,8 @@ def check_memory(
                        context_size=context_size, d_sae=d_sae, devices=devices)
     document = report.to_dict()
     if quantization != "auto":
-        chosen = next(e for e in report.estimates if e.quantization == quantization)
-        document["asked"] = {"quantization": quantization, "fits": chosen.fits}
+        chosen = report.estimate_for(quantization)
+        document["asked"] = {"quantization": quantization, "fits": chosen.fits,
+                             "fits_split": chosen.split is not None}
     document["summary"] = report.summary()
     return document

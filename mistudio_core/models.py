@@ -14,11 +14,21 @@ update. So `layers.L.attn_out` always means "what attention adds to the residual
 Partial loading: when only hooks up to layer L are needed, the config is cut to L+1 blocks before
 loading, so the later blocks' weights are never materialised, and the forward pass is stopped by
 an exception right after the last hook fires (no final norm, no head).
+
+Models larger than one GPU: with `device="auto"` and several GPUs visible, a model (as loaded:
+quantized, cut to its layers) that the memory preflight says does not fit on the first GPU is
+spread over them by the preflight's `SplitPlan`, passed to `from_pretrained` as an explicit device
+map (block i on its GPU, everything else on the first). An explicit map rather than accelerate's
+`device_map="auto"` with a `max_memory`: accelerate would re-balance and re-price the layers by
+its own rules (bitsandbytes scales its budgets by 0.9, the first GPU keeps room for the largest
+layer), so what the preflight showed would not be what is loaded. Inputs go to the first GPU,
+and every hook hands its activation over on that GPU, where the SAE is.
 """
 
 from __future__ import annotations
 
 import copy
+import itertools
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, field
@@ -281,8 +291,12 @@ class HookedModel:
     def replaced(
         self, hook: HookPoint, replace: Callable[[torch.Tensor], torch.Tensor]
     ) -> Iterator[None]:
-        """Within the block, the activation at `hook` is replaced by `replace(activation)`."""
+        """Within the block, the activation at `hook` is replaced by `replace(activation)`.
+
+        `replace` sees the activation on `self.device` (where the SAE is) whichever GPU a split
+        model runs the block on; what it returns goes back to that GPU."""
         module, where = self.module_for(hook)
+        replace = self._on_model_device(replace)
         if where == "input":
 
             def pre_hook(_module, args, kwargs):
@@ -303,6 +317,19 @@ class HookedModel:
             yield
         finally:
             handle.remove()
+
+    def _on_model_device(
+        self, replace: Callable[[torch.Tensor], torch.Tensor]
+    ) -> Callable[[torch.Tensor], torch.Tensor]:
+        """`replace` applied on `self.device`; an activation handed back unchanged is not copied
+        back (`.to` to the same device is the tensor itself, so one device costs nothing)."""
+
+        def on_model_device(tensor: torch.Tensor) -> torch.Tensor:
+            moved = tensor.to(self.device)
+            result = replace(moved)
+            return tensor if result is moved else result.to(tensor.device)
+
+        return on_model_device
 
     @contextmanager
     def _capture(
@@ -369,6 +396,9 @@ def load_model(
     unembedding). Otherwise the base model is loaded without its head, and with `up_to_layer`
     only the blocks 0..up_to_layer. `config` saves reading the config again when the caller has
     (`load_config(spec)`); from_pretrained may annotate it, so it is not for reuse afterwards.
+    With `device="auto"` and several GPUs, a model too big for the first GPU is spread over
+    them as the memory preflight plans it (see the module docstring); `MistudioError` when it
+    does not fit even so.
     """
     from transformers import AutoModel, AutoModelForCausalLM
 
@@ -386,19 +416,26 @@ def load_model(
     device = resolve_device(spec.device)
     dtype = resolve_dtype(spec.dtype, device)
     quantization = resolve_quantization(spec, config)
+    split = _split_plan(spec, config, None if with_lm_head else up_to_layer, quantization, dtype)
     if up_to_layer is not None and not with_lm_head:
         config = truncated_config(config, up_to_layer + 1)
 
+    model_class = AutoModelForCausalLM if with_lm_head else AutoModel
     kwargs: dict = {"config": config, "revision": spec.revision, "token": spec.token}
     kwargs["dtype"] = dtype
     if quantization != "none":
         kwargs["quantization_config"] = quantization_config(quantization, dtype)
+    if split is not None:
+        kwargs["device_map"] = split_device_map(
+            model_class, config, split.block_gpus(), split.main_gpu
+        )
+        device = torch.device("cuda", split.main_gpu)
+    elif quantization != "none":  # bitsandbytes quantizes while placing: it needs a map
         kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
-    model_class = AutoModelForCausalLM if with_lm_head else AutoModel
     with _explained_loading_errors(spec), _quiet_transformers():
         model = model_class.from_pretrained(source, **kwargs)
         tokenizer = _load_tokenizer(source, spec)
-    if quantization == "none":
+    if "device_map" not in kwargs:
         model.to(device)
     model.eval()
     model.requires_grad_(False)
@@ -413,6 +450,46 @@ def load_model(
         n_layers=n_layers,
         blocks=find_blocks(model),
     )
+
+
+def _split_plan(spec: ModelSpec, config, layer: int | None, quantization: str,
+                dtype: torch.dtype):
+    """The preflight's plan to spread the model over the GPUs (a `memory.SplitPlan`), or None to
+    load it on one device: only `device="auto"` with several GPUs visible, and only when the
+    model does not fit on the first. `layer` None: the whole model is loaded."""
+    if spec.device != "auto" or torch.cuda.device_count() < 2:
+        return None
+    from mistudio_core.memory import auto_placement
+
+    return auto_placement(config, layer=layer, quantization=quantization, dtype=dtype)
+
+
+def split_device_map(
+    model_class, config, block_gpus: Sequence[int], main_gpu: int
+) -> dict[str, int]:
+    """`from_pretrained`'s device map for a model split over GPUs: block i on `block_gpus[i]`,
+    everything else (embeddings, rotary tables, final norm, head) on `main_gpu`.
+
+    The module names come from the model built on the meta device from `config` (no memory):
+    every module, parameter and buffer beside the path from the root to the block list goes to
+    `main_gpu`, so the map covers the whole model for any architecture, and a head tied to the
+    input embeddings stays on their GPU.
+    """
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        empty = model_class.from_config(config)
+    blocks = find_blocks(empty)
+    path = next(name for name, module in empty.named_modules() if module is blocks)
+    device_map: dict[str, int] = {}
+    node, prefix = empty, ""
+    for step in path.split("."):
+        members = itertools.chain(node.named_parameters(recurse=False),
+                                  node.named_buffers(recurse=False), node.named_children())
+        device_map.update({prefix + name: main_gpu for name, _ in members if name != step})
+        node, prefix = node.get_submodule(step), f"{prefix}{step}."
+    device_map.update({f"{path}.{index}": gpu for index, gpu in enumerate(block_gpus)})
+    return device_map
 
 
 @contextmanager

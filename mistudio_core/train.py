@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from mistudio_core.activations import ShuffledBatches, StreamPosition
+from mistudio_core.distributed import DataParallel
 from mistudio_core.errors import MistudioError
 from mistudio_core.hooks import HookPoint
 from mistudio_core.progress import Callback, silent
@@ -99,7 +100,8 @@ class TrainConfig:
 
 
 class Trainer:
-    """Trains one SAE on one hook's batches, writing checkpoints and metrics into `run_dir`."""
+    """Trains one SAE on one hook's batches, writing checkpoints and metrics into `run_dir`.
+    `run` trains it alone; `train_together` trains several on one stream of batches."""
 
     def __init__(
         self,
@@ -110,14 +112,17 @@ class Trainer:
         run_dir: Path,
         device: torch.device,
         callback: Callback = silent,
+        parallel: DataParallel | None = None,
     ) -> None:
         self.sae_config = sae_config
+        self.parallel = parallel
+        self.is_main = parallel is None or parallel.is_main
         self.config = train_config
         self.batches = batches
         self.hook = hook
         self.run_dir = Path(run_dir)
         self.device = device
-        self.callback = callback
+        self.callback = callback if self.is_main else silent
         torch.manual_seed(train_config.seed)
         self.sae = SparseAutoencoder(sae_config, device=device)
         self.optimizer = torch.optim.Adam(
@@ -132,10 +137,21 @@ class Trainer:
         self.tokens_since_fired = torch.zeros(sae_config.d_sae, dtype=torch.long, device=device)
         self.micro_batches = 1
         self._window: list[dict] = []
+        self._clock = time.perf_counter()
 
     # ----- the loop ----------------------------------------------------------------------------
 
     def run(self, resume: bool = False) -> SparseAutoencoder:
+        train_together([self], self.batches, resume)
+        return self.sae
+
+    @property
+    def done(self) -> bool:
+        return self.step >= self.config.total_steps
+
+    def start(self, resume: bool) -> None:
+        """Resume from the checkpoint in `run_dir` (with `resume`, when there is one), or start
+        afresh."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if resume and (self.run_dir / CHECKPOINT_FILE).exists():
             self._load_checkpoint()
@@ -144,31 +160,35 @@ class Trainer:
             if resume:
                 self.callback("log", {"message": f"no checkpoint in {self.run_dir}: "
                                                  "starting from step 0"})
-            (self.run_dir / METRICS_FILE).unlink(missing_ok=True)
+            if self.is_main:
+                (self.run_dir / METRICS_FILE).unlink(missing_ok=True)
+        self._clock = time.perf_counter()
+
+    def train_on(self, batch: dict[HookPoint, torch.Tensor], position: StreamPosition) -> None:
+        """One optimisation step on this SAE's hook's rows of `batch` (the data up to
+        `position`), with its metrics and checkpoint when they are due."""
+        x = batch[self.hook].float()
+        if self.step == 0:
+            self._initialise_from(x)
+        output = self._optimisation_step(x * self.sae.input_scale)
+        self.position = position
+        self.step += 1
+        self._track(output, x.shape[0])
         total = self.config.total_steps
-        clock = time.perf_counter()
-        stream = self.batches.batches(self.position)
-        while self.step < total:
-            batch, position = next(stream)
-            x = batch[self.hook].float()
-            if self.step == 0:
-                self._initialise_from(x)
-            output = self._optimisation_step(x * self.sae.input_scale)
-            self.position = position
-            self.step += 1
-            self._track(output, x.shape[0])
-            if self.step % self.config.log_every == 0 or self.step == total:
-                elapsed, clock = time.perf_counter() - clock, time.perf_counter()
-                self._report(elapsed)
-            if self.step % self.config.checkpoint_every == 0 or self.step == total:
-                self._save_checkpoint()
-        return self.sae
+        if self.step % self.config.log_every == 0 or self.step == total:
+            elapsed, self._clock = time.perf_counter() - self._clock, time.perf_counter()
+            self._report(elapsed)
+        if self.step % self.config.checkpoint_every == 0 or self.step == total:
+            self._save_checkpoint()
 
     def _initialise_from(self, x: torch.Tensor) -> None:
-        """Scale inputs to E||x|| = sqrt(d_in) and start b_dec at the (scaled) data mean."""
-        mean_norm = x.norm(dim=1).mean().clamp_min(1e-8)
-        self.sae.input_scale = float(math.sqrt(self.sae_config.d_in) / mean_norm)
-        self.sae.initialize_decoder_bias(x.mean(0) * self.sae.input_scale)
+        """Scale inputs to E||x|| = sqrt(d_in) and start b_dec at the (scaled) data mean (of the
+        whole global batch, in a data-parallel run)."""
+        mean_norm, mean = x.norm(dim=1).mean(), x.mean(0)
+        if self.parallel is not None:
+            mean_norm, mean = self.parallel.mean_(mean_norm), self.parallel.mean_(mean)
+        self.sae.input_scale = float(math.sqrt(self.sae_config.d_in) / mean_norm.clamp_min(1e-8))
+        self.sae.initialize_decoder_bias(mean * self.sae.input_scale)
 
     def _optimisation_step(self, x: torch.Tensor):
         while True:
@@ -193,15 +213,20 @@ class Trainer:
 
     def _accumulated_step(self, x: torch.Tensor):
         dead_mask = self.tokens_since_fired >= self.config.dead_window
+        total_variance = self._variance_share(x)
+        if total_variance is not None:  # each part's loss is divided by the number of parts
+            total_variance = total_variance / self.micro_batches
         outputs = []
         for part in x.chunk(self.micro_batches):
             with torch.autocast(
                 device_type=self.device.type, dtype=torch.bfloat16,
                 enabled=self.device.type == "cuda",
             ):
-                output = self.sae.training_forward(part, dead_mask)
+                output = self.sae.training_forward(part, dead_mask, total_variance)
             (output.loss / self.micro_batches).backward()
             outputs.append(output)
+        if self.parallel is not None:
+            self.parallel.mean_gradients(self.sae.parameters())
         self.sae.remove_parallel_decoder_gradient()
         torch.nn.utils.clip_grad_norm_(self.sae.parameters(), self.config.grad_clip)
         self.optimizer.step()
@@ -210,20 +235,38 @@ class Trainer:
         self.sae.normalize_decoder()
         return _merge(outputs)
 
+    def _variance_share(self, x: torch.Tensor) -> torch.Tensor | None:
+        """In a data-parallel run: the global batch's total variance over the number of ranks.
+
+        A single process's FVU divides the batch's squared error by its total variance; each
+        rank divides its part of the error by this share, so that the ranks' gradients,
+        averaged, are exactly the single process's on the global batch. (None alone: each
+        batch's own variance.)"""
+        if self.parallel is None:
+            return None
+        x = x.float()
+        moments = torch.cat([x.sum(0), (x * x).sum().reshape(1),
+                             torch.tensor([x.shape[0]], dtype=x.dtype, device=x.device)])
+        moments = self.parallel.sum_(moments)
+        total, squares, n = moments[:-2], moments[-2], moments[-1]
+        return (squares - total.square().sum() / n) / self.parallel.world
+
     # ----- metrics -----------------------------------------------------------------------------
 
     def _track(self, output, n_tokens: int) -> None:
+        """Dead-latent counters and the step's metrics (over all ranks' tokens)."""
+        fired = output.fired
+        scalars = torch.stack([output.loss, output.mse, output.fvu, output.l0,
+                               output.aux_loss]).detach().float()
+        if self.parallel is not None:
+            n_tokens *= self.parallel.world
+            fired = self.parallel.sum_(fired.clone())
+            scalars = self.parallel.mean_(scalars)
         self.tokens_since_fired += n_tokens
-        self.tokens_since_fired[output.fired > 0] = 0
-        self._window.append(
-            {
-                "loss": output.loss.item(),
-                "mse": output.mse.item(),
-                "fve": 1.0 - output.fvu.item(),
-                "l0": output.l0.item(),
-                "aux_loss": output.aux_loss.item(),
-            }
-        )
+        self.tokens_since_fired[fired > 0] = 0
+        loss, mse, fvu, l0, aux_loss = scalars.tolist()
+        self._window.append({"loss": loss, "mse": mse, "fve": 1.0 - fvu, "l0": l0,
+                             "aux_loss": aux_loss})
 
     def _report(self, elapsed: float) -> None:
         steps = len(self._window)
@@ -237,13 +280,19 @@ class Trainer:
             lr=self.scheduler.get_last_lr()[0],
         )
         self._window = []
-        with (self.run_dir / METRICS_FILE).open("a") as handle:
-            handle.write(json.dumps(point) + "\n")
+        if self.is_main:
+            with (self.run_dir / METRICS_FILE).open("a") as handle:
+                handle.write(json.dumps(point) + "\n")
         self.callback("metrics", point)
 
     # ----- checkpoints -------------------------------------------------------------------------
 
     def _save_checkpoint(self) -> None:
+        """All of the run's state, written by rank 0 alone (with every rank's data position)."""
+        positions = [asdict(self.position)] if self.parallel is None else self.parallel.gather(
+            asdict(self.position))
+        if not self.is_main:
+            return
         state = {
             "sae_config": self.sae_config.to_dict(),
             "train_config": asdict(self.config),
@@ -254,6 +303,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "step": self.step,
             "position": asdict(self.position),
+            "positions": positions,
             "tokens_since_fired": self.tokens_since_fired.cpu(),
             "micro_batches": self.micro_batches,
             "rng": _rng_states(),
@@ -280,11 +330,32 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = state["step"]
-        self.position = StreamPosition(**state["position"])
+        self.position = _resumed_position(state, self.parallel)
         self.tokens_since_fired = state["tokens_since_fired"].to(self.device)
         self.micro_batches = state["micro_batches"]
         _restore_rng(state["rng"])
-        _truncate_metrics(self.run_dir / METRICS_FILE, self.step)
+        if self.is_main:
+            _truncate_metrics(self.run_dir / METRICS_FILE, self.step)
+
+
+def train_together(trainers: list[Trainer], batches: ShuffledBatches, resume: bool) -> None:
+    """Train SAEs on one stream of batches (each on its own hook's rows), step by step.
+
+    The trainers share their settings (steps, batch size, seed), so they checkpoint at the same
+    steps; a run stopped between two of their checkpoint writes resumes from the earliest, and a
+    trainer that is ahead skips the batches it has trained on already: resuming is exact. In a
+    layer-parallel run, `batches` agrees on that start with the other processes."""
+    for trainer in trainers:
+        trainer.start(resume)
+    behind = min(trainers, key=lambda trainer: trainer.step)
+    step, start = batches.earliest(behind.step, behind.position)
+    stream = batches.batches(start)
+    while step < behind.config.total_steps:
+        batch, position = next(stream)
+        for trainer in trainers:
+            if trainer.step == step:
+                trainer.train_on(batch, position)
+        step += 1
 
 
 def _merge(outputs):
@@ -295,6 +366,17 @@ def _merge(outputs):
     mean = {name: torch.stack([getattr(o, name) for o in outputs]).mean()
             for name in ("loss", "mse", "fvu", "aux_loss", "sparsity_loss", "l0")}
     return type(first)(fired=sum(o.fired for o in outputs), **mean)
+
+
+def _resumed_position(state: dict, parallel: DataParallel | None) -> StreamPosition:
+    """Where this process's data goes on: its own position when the run has as many processes
+    as the checkpoint's; otherwise the first block no process had started (no batch is seen
+    twice; the rest of the blocks under way is skipped)."""
+    positions = [StreamPosition(**p) for p in state.get("positions") or [state["position"]]]
+    world = 1 if parallel is None else parallel.world
+    if len(positions) == world:
+        return positions[0 if parallel is None else parallel.rank]
+    return StreamPosition(max(p.block for p in positions) + 1, 0)
 
 
 def _rng_states() -> dict:

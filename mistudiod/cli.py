@@ -134,7 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train an SAE on a model's activations")
     params = PARAMS["train"]
     _model_options(train, "train")
-    _field(train, params, "--hook", help="layers.L.resid_post|resid_pre|mlp_out|attn_out")
+    _field(train, params, "--hook",
+           help="layers.L.resid_post|resid_pre|mlp_out|attn_out; several, comma-separated, or "
+                "layers.*.SITE for every layer: one SAE each, from one pass of the model")
     _field(train, params, "--corpus", help=".txt, .jsonl or .parquet (or `demo`)")
     _field(train, params, "--text-field", help="JSONL/Parquet field with the text")
     _field(train, params, "--out", required=True, type=Path, help="the SAE directory to write")
@@ -155,6 +157,15 @@ def build_parser() -> argparse.ArgumentParser:
     _field(train, params, "--eval-tokens",
            help="evaluate on the corpus's first N tokens after training (for a held-out score, "
                 "run `mistudio eval` on other text)")
+    _field(train, params, "--sweep", action="append",
+           help="NAME=V1,V2,...: one SAE per value (k, expansion, d_sae, architecture, "
+                "l1_coefficient, l0_coefficient); repeat it for a grid")
+    _field(train, params, "--gpus",
+           help="through the daemon: train with this many processes, one GPU each (CPU "
+                "processes where there is no GPU), data- or layer-parallel (--parallel)")
+    _field(train, params, "--parallel",
+           help="under torchrun: data (every process trains every SAE on its shard of the "
+                "data) or layers (each process trains its hooks' SAEs; rank 0 extracts)")
     _field(train, params, "--checkpoint-every", help="steps")
     _field(train, params, "--resume", help="continue from --out's checkpoint")
     _job_options(train)
@@ -349,11 +360,12 @@ def _params(kind: str, args) -> dict:
 
 
 def _job(kind: str) -> Callable:
-    """A job command: in this process with --local, else submitted to the daemon."""
+    """A job command: in this process with --local (or as one of torchrun's processes), else
+    submitted to the daemon."""
 
     def command(args, progress) -> dict:
         params = _params(kind, args)
-        if args.local:
+        if args.local or "WORLD_SIZE" in os.environ:
             from mistudiod.jobs import run_job, validate_params
 
             return run_job(kind, validate_params(kind, params), progress.event,
@@ -586,12 +598,16 @@ def _render_summary(args, document: dict) -> str:
 def _render_train(args, document: dict) -> str:
     if "job" in document:  # --detach
         return _render_job(document["job"])
-    lines = [f"SAE saved in {document['path']} after {document['steps']} steps",
-             _metrics_text(document["final_metrics"])]
-    if document.get("evaluation"):
-        from mistudio_core.evals import EvalResult
+    from mistudio_core.evals import EvalResult
 
-        lines.append(EvalResult(**document["evaluation"]).summary())
+    lines = []
+    for sae in document.get("saes") or [document]:
+        variant = "".join(f" {name}={value}" for name, value in sae.get("variant", {}).items())
+        lines += [f"SAE saved in {sae['path']} after {sae['steps']} steps"
+                  + (f" ({sae['hook']}{variant})" if document.get("saes") else ""),
+                  _metrics_text(sae["final_metrics"])]
+        if sae.get("evaluation"):
+            lines.append(EvalResult(**sae["evaluation"]).summary())
     return "\n".join(lines)
 
 
@@ -742,6 +758,8 @@ def main(argv: list[str] | None = None) -> int:
         return _fail({"code": "job_failed", "message": f"{type(error).__name__}: {error}",
                       "hint": "see the traceback above; please report it if it looks like a bug"},
                      wants_json, EXIT_FAILED)
+    if os.environ.get("RANK", "0") != "0":
+        return EXIT_OK  # one of torchrun's processes: rank 0 prints the run's result
     if wants_json:
         print(json.dumps({"ok": True, **document}, default=str))
     else:

@@ -46,7 +46,10 @@ _SELECTION_FIELDS = {
 PARAMS: dict[str, Schema] = {
     "train": Schema(
         **_MODEL_FIELDS,
-        hook=Field(str, required=True, max_length=64),
+        hook=Field(str, required=True, max_length=4096),  # a list, or layers.*.SITE
+        sweep=Field(list, item=str, max_length=16),  # ["k=16,32,64", ...]
+        parallel=Field(str, default="data", choices=("data", "layers")),  # under torchrun
+        gpus=Field(int, default=1, min=1, max=64),  # processes the daemon starts (torchrun)
         corpus=Field(str, required=True, **_PATH),
         text_field=Field(str, default="text", max_length=128),
         out=Field(str, **_PATH),
@@ -120,15 +123,17 @@ def validate_params(kind: str, params: dict) -> dict:
     worker is refused here, before the job is queued: `TrainConfig`'s at least one batch of
     tokens and 0 < lr < 1, an LLM scorer without an LLM, a text to read without a model."""
     from mistudio_core.errors import MistudioError
-    from mistudio_core.hooks import HookPoint
+    from mistudio_core.hooks import parse_hooks
+    from mistudio_core.sweep import parse_sweep
 
     valid = PARAMS[kind].validate(params)
     if kind == "train":
         try:
-            HookPoint.parse(valid["hook"])
+            parse_hooks(valid["hook"])
         except MistudioError as error:
             error.field = "hook"
             raise
+        parse_sweep(valid["sweep"])
         if valid["tokens"] < valid["batch_tokens"]:
             raise MistudioError(
                 f"field `tokens` ({valid['tokens']}) must be at least one batch "
@@ -194,6 +199,7 @@ def _train(params: dict, callback: Callback, resume: bool, token: str | None) ->
         extraction=ExtractionConfig(context_size=params["context_size"]),
         train=train_config, text_field=params["text_field"], cache=params["cache"],
         resume=params["resume"] or resume, eval_tokens=params["eval_tokens"],
+        sweep=tuple(params["sweep"] or ()), parallel=params["parallel"],
     )
     _start("train", callback, train_config.total_steps, "training")
     return train_sae(job, callback).to_dict()

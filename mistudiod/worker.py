@@ -8,6 +8,11 @@ result or the error. Each report names the job and the attempt, which the daemon
 its fencing token. A crash, an OOM kill or a SIGKILL leaves no `done`: the daemon sees the exit
 status and fails or retries the job. The worker dies with the daemon (PR_SET_PDEATHSIG), so a
 restarted daemon never finds an orphan still writing the run directory it resumes.
+
+A training job that asks for several processes (`gpus`, one GPU each, or CPU processes on a
+machine without GPUs) becomes `torchrun --standalone --nproc-per-node N -m mistudiod.worker` in
+place (exec: the same pid, still dying with the daemon), its GPUs made the visible ones, the
+assignment passed to the ranks in `MISTUDIO_WORKER_SPEC`. Rank 0 reports; the others only work.
 """
 
 from __future__ import annotations
@@ -87,16 +92,23 @@ def _heartbeats(report: Reporter, interval: float, stop: threading.Event) -> Non
 
 
 def main() -> int:
-    spec = json.loads(sys.stdin.read())
-    die_with_parent(spec.get("parent_pid"))
-    os.nice(WORKER_NICENESS)
+    rank = os.environ.get("RANK")
+    spec = json.loads(os.environ.pop(SPEC_VARIABLE) if rank is not None else sys.stdin.read())
+    die_with_parent(spec.get("parent_pid") if rank is None else None)  # a rank's is torchrun
+    if rank is None:
+        os.nice(WORKER_NICENESS)  # torchrun's ranks inherit it
+    processes = spec["params"].get("gpus", 1) if spec["kind"] == "train" else 1
+    if processes > 1 and rank is None:
+        _become_torchrun(spec, processes)
+    if "," in spec["params"].get("device", "") and rank is None:  # a model split over GPUs
+        spec = _on_visible_gpus(spec, os.environ)
     # SIGTERM (a cancel) ends the job like Ctrl-C ends a local run.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     if spec.get("threads"):
         # Torch reads this when a job first imports it; setting it, rather than calling
         # torch.set_num_threads, spares the jobs that need no torch (explain, score) loading it.
         os.environ["OMP_NUM_THREADS"] = str(spec["threads"])
-    report = Reporter(spec)
+    report = Reporter(spec) if rank in (None, "0") else _Silent()
     stop = threading.Event()
     threading.Thread(target=_heartbeats, args=(report, spec["heartbeat_s"], stop),
                      daemon=True).start()
@@ -119,6 +131,44 @@ def main() -> int:
         stop.set()
         report.close()
     return status
+
+
+SPEC_VARIABLE = "MISTUDIO_WORKER_SPEC"
+
+
+class _Silent:
+    """The reporter of torchrun's ranks but 0: rank 0 speaks for the job."""
+
+    def __call__(self, kind: str, payload: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _become_torchrun(spec: dict, processes: int) -> None:
+    """Replace this process by torchrun running `processes` workers of the job (never returns).
+
+    The placed GPUs (`cuda:1,cuda:3`) become the visible ones, each rank taking its own
+    (LOCAL_RANK); the assignment goes to the ranks in the environment, which only this user (and
+    root) can read, as the daemon's connection file."""
+    env = dict(os.environ)
+    if spec["params"]["device"].startswith("cuda"):
+        spec = _on_visible_gpus(spec, env, device="cuda")
+    if spec.get("threads"):  # the job's CPU threads, shared by its processes
+        spec = {**spec, "threads": max(1, spec["threads"] // processes)}
+    env[SPEC_VARIABLE] = json.dumps(spec)
+    os.execve(sys.executable, [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                               f"--nproc-per-node={processes}", "-m", "mistudiod.worker"], env)
+
+
+def _on_visible_gpus(spec: dict, env, device: str = "auto") -> dict:
+    """Make the placed GPUs (`cuda:1,cuda:3`) the visible ones, in that order, and give the job
+    `device` instead: "auto" lets the loader split a model over them as the preflight planned
+    (its first GPU first), "cuda" gives each of torchrun's ranks its own (LOCAL_RANK)."""
+    env["CUDA_VISIBLE_DEVICES"] = ",".join(
+        name.removeprefix("cuda:") for name in spec["params"]["device"].split(","))
+    return {**spec, "params": {**spec["params"], "device": device}}
 
 
 def _failure(error: BaseException) -> dict:

@@ -89,7 +89,8 @@ class WorkerPool:
         self.stopping = False
         self._filling = asyncio.Lock()
         self._starting: set[int] = set()  # claimed, its worker being spawned: not running yet
-        self._estimates: dict[int, int | None] = {}  # queued train job -> its preflight bytes
+        # queued train job -> its preflight bytes, and its split over GPUs when it needs one
+        self._estimates: dict[int, tuple[int | None, dict[str, int] | None]] = {}
         self._waiting: set[int] = set()  # queued jobs told they wait for room
         self._tasks: set[asyncio.Task] = set()
 
@@ -176,17 +177,20 @@ class WorkerPool:
     async def _place(self, job: Job) -> str | None:
         requested = job.params["device"]
         snapshot = self.gpu_snapshot()
+        count = job.params.get("gpus", 1) if job.kind == "train" else 1
         if requested == "cpu" or not has_gpus(snapshot):  # the placer says cpu, or no such GPU
-            return self.placer.place(job.id, requested, None, [])
+            return self.placer.place(job.id, requested, None, [], count=count)
         # the device list imports torch and the estimate reads a config: off the event loop
-        devices, need = await asyncio.to_thread(self._devices_and_need, job, snapshot)
-        return self.placer.place(job.id, requested, need, devices, job_gpu_memory(snapshot))
+        devices, (need, split) = await asyncio.to_thread(self._devices_and_need, job, snapshot)
+        return self.placer.place(job.id, requested, need, devices, job_gpu_memory(snapshot),
+                                 count, split)
 
-    def _devices_and_need(self, job: Job, snapshot: dict) -> tuple[list, int | None]:
-        """The snapshot's GPUs and what the job needs on one (estimated once per job)."""
+    def _devices_and_need(self, job: Job, snapshot: dict) -> tuple[list, tuple]:
+        """The snapshot's GPUs and what the job needs on one, or its split over several
+        (estimated once per job)."""
         devices = gpu_devices(snapshot)
         if job.kind != "train":
-            return devices, None
+            return devices, (None, None)
         if job.id not in self._estimates:
             self._estimates[job.id] = estimate_train_bytes(job.params, devices)
         return devices, self._estimates[job.id]
@@ -435,7 +439,9 @@ def worker_environment() -> dict[str, str]:
     """The daemon's environment without systemd's notify and watchdog variables, which are
     the daemon's alone."""
     private = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
-    return {name: value for name, value in os.environ.items() if name not in private}
+    environment = {name: value for name, value in os.environ.items() if name not in private}
+    # CUDA numbers GPUs as NVML (the placer's list) does: by PCI bus, not fastest first.
+    return {**environment, "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
 
 
 def cpu_threads_per_job(max_jobs: int) -> int:

@@ -26,6 +26,7 @@ from mistudio_core.activations import (
     StreamPosition,
 )
 from mistudio_core.corpus import Corpus, pack_windows
+from mistudio_core.distributed import DataParallel
 from mistudio_core.errors import MistudioError
 from mistudio_core.hooks import HookPoint
 from mistudio_core.models import ModelSpec, load_model
@@ -296,12 +297,42 @@ class CountingSource:
         self.starts = np.cumsum([0, *sizes]).tolist()
         self.requested: list[int] = []
 
-    def chunks(self, start: int = 0):
+    def chunks(self, start: int = 0, wanted=None):
         self.requested.append(start)
         for index in itertools.count(start):
+            if wanted is not None and not wanted(index):
+                continue
             ids = torch.arange(self.starts[index], self.starts[index + 1], dtype=torch.float32)
             rows = ids[:, None].expand(-1, 3)
             yield ActivationChunk(index, {self.hooks[0]: rows, self.hooks[1]: 2 * rows}, ids.long())
+
+
+def test_data_parallel_ranks_take_disjoint_blocks_that_cover_the_stream():
+    """Two ranks of a data-parallel run: rank r takes blocks r, r + 2, ...; together they see
+    every block's rows once, the same rows a single stream's blocks hold; positions count the
+    whole stream's blocks, and a resumed rank goes on from its own."""
+    batch_tokens, block_chunks = 32, 3
+    single = ShuffledBatches(CountingSource(), CountingSource.hooks, batch_tokens, block_chunks,
+                             seed=7, device=CPU)
+    ranks = [ShuffledBatches(CountingSource(), CountingSource.hooks, batch_tokens, block_chunks,
+                             seed=7, device=CPU, parallel=DataParallel(rank, 2))
+             for rank in range(2)]
+    hook = CountingSource.hooks[0]
+
+    def rows_by_block(stream, n_blocks):
+        blocks: dict[int, set] = {}
+        for batch, position in stream:
+            if position.block >= n_blocks:
+                return blocks
+            blocks.setdefault(position.block, set()).update(batch[hook][:, 0].tolist())
+        return blocks
+
+    everything = rows_by_block(single.batches(), 6)
+    shards = [rows_by_block(shuffled.batches(), 6) for shuffled in ranks]
+    assert sorted(shards[0]) == [0, 2, 4] and sorted(shards[1]) == [1, 3, 5]
+    assert {**shards[0], **shards[1]} == everything
+    resumed = next(ranks[1].batches(StreamPosition(2, 1)))[1]
+    assert resumed == StreamPosition(3, 1)  # block 2 is rank 0's: rank 1 goes on at block 3
 
 
 def test_batches_cover_each_block_without_repeats():

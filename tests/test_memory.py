@@ -38,8 +38,10 @@ from mistudio_core.memory import (
     available_devices,
     bytes_per_parameter,
     count_parameters,
+    loaded_weights,
     preflight,
     sae_bytes,
+    weight_bytes,
 )
 
 GIB = 2**30
@@ -247,6 +249,23 @@ def test_quantized_weights_are_smaller_but_keep_embeddings_unquantized() -> None
     assert nf4 < int8 < none
     assert none == report.parameters.total * 2
     assert nf4 > unquantized * 2  # embeddings, head and norms stay in bf16
+
+
+def test_loaded_weights_part_the_blocks_from_the_rest() -> None:
+    """A split places the blocks and the rest apart: the parts must add up to the weights, the
+    rest (embeddings; with the whole model also the head and final norm) unquantized."""
+    params = count_parameters(llama3_8b_config())
+    for quantization in QUANTIZATIONS:
+        partial = loaded_weights(params, 16, quantization, torch.bfloat16)
+        assert partial.n_blocks == 17
+        assert partial.outside_bytes == params.embedding * 2
+        assert partial.total == weight_bytes(params, 16, quantization, torch.bfloat16)
+    whole = loaded_weights(params, None, "4bit", torch.bfloat16)
+    assert whole.outside_bytes == (params.embedding + params.head + params.other) * 2
+    assert whole.block_bytes == round(
+        params.quantizable_per_layer * bytes_per_parameter("4bit", torch.bfloat16)
+        + (params.per_layer - params.quantizable_per_layer) * 2
+    )
 
 
 def test_little_memory_fits_nothing() -> None:

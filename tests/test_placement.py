@@ -36,6 +36,34 @@ def test_jobs_spread_by_free_memory_minus_promises_and_wait_when_full():
     assert placer.place(6, "cpu", GiB, gpus) == "cpu"
 
 
+def test_a_job_of_several_processes_gets_the_roomiest_gpus_each_with_room():
+    placer, gpus = Placer(), _gpus(30, 10, 25, 20)
+    assert placer.place(1, "auto", 15 * GiB, gpus, count=2) == "cuda:0,cuda:2"
+    # promised 15 on each: 15, 10, 10, 20 left
+    assert placer.place(2, "auto", 12 * GiB, gpus, count=2) == "cuda:3,cuda:0"
+    assert placer.place(3, "auto", 12 * GiB, gpus, count=2) is None  # one GPU with room only
+    placer.release(1)
+    assert placer.place(3, "auto", 12 * GiB, gpus, count=2) == "cuda:2,cuda:0"  # 25 and 18
+    with pytest.raises(MistudioError, match="asks for 5 GPUs; the daemon's machine has 4"):
+        Placer().place(4, "auto", None, gpus, count=5)
+    with pytest.raises(MistudioError, match="takes --device auto"):
+        Placer().place(5, "cuda:1", None, gpus, count=2)
+    assert Placer().place(6, "auto", None, [], count=2) == "cpu"  # CPU processes
+
+
+def test_a_model_the_preflight_splits_goes_on_its_gpus_each_with_room_for_its_share():
+    placer, gpus = Placer(), _gpus(70, 70, 40)  # 80 GiB GPUs
+    split = {"cuda:0": 65 * GiB, "cuda:1": 50 * GiB}  # a 115 GiB job
+    assert placer.place(1, "auto", 115 * GiB, gpus, split=split) == "cuda:0,cuda:1"
+    # 5 GiB left on cuda:0: the next job of that split waits; a small job goes to cuda:2
+    assert placer.place(2, "auto", 115 * GiB, gpus, split=split) is None
+    assert placer.place(3, "auto", 30 * GiB, gpus) == "cuda:2"
+    placer.release(1)
+    assert placer.place(2, "auto", 115 * GiB, gpus, split=split) == "cuda:0,cuda:1"
+    with pytest.raises(MistudioError, match="more than any GPU"):  # pinned to one GPU: no split
+        placer.place(4, "cuda:0", 115 * GiB, gpus, split=split)
+
+
 def test_a_job_bigger_than_any_gpu_fails_with_advice():
     with pytest.raises(MistudioError, match="more than any GPU") as caught:
         Placer().place(1, "auto", 100 * GiB, _gpus(80))
@@ -80,8 +108,11 @@ def test_the_estimate_prices_the_job_as_the_worker_will_run_it(make_tiny_model, 
     hidden = config.hidden_size
     # auto quantization is the worker's rule (none below 8B parameters), not "what fits now";
     # auto dtype is priced as bf16, the SAE as expansion x hidden
-    assert estimate_train_bytes(params(expansion=2), gpus) == preflight_total(
-        "none", torch.bfloat16, 2 * hidden)
+    assert estimate_train_bytes(params(expansion=2), gpus) == (preflight_total(
+        "none", torch.bfloat16, 2 * hidden), None)
     assert estimate_train_bytes(params(dtype="float32", quantization="8bit", d_sae=100),
-                                gpus) == preflight_total("8bit", torch.float32, 100)
-    assert estimate_train_bytes(params(model="demo"), gpus) is None
+                                gpus) == (preflight_total("8bit", torch.float32, 100), None)
+    assert estimate_train_bytes(params(model="demo"), gpus) == (None, None)
+    # several hooks: priced at the deepest
+    assert estimate_train_bytes(params(hook="layers.0.resid_post,layers.1.mlp_out"), gpus) == (
+        preflight_total("none", torch.bfloat16, 16 * hidden), None)

@@ -91,10 +91,10 @@ def test_resume_with_other_settings_is_refused(gpt2_dir, tiny_corpus, tmp_path):
 def test_out_of_memory_halves_the_batch_and_goes_on(gpt2_dir, tiny_corpus, tmp_path, monkeypatch):
     original = SparseAutoencoder.training_forward
 
-    def fails_on_big_batches(self, x, dead_mask):
+    def fails_on_big_batches(self, x, *args):
         if x.shape[0] > 256:
             raise torch.OutOfMemoryError("simulated: CUDA out of memory")
-        return original(self, x, dead_mask)
+        return original(self, x, *args)
 
     monkeypatch.setattr(SparseAutoencoder, "training_forward", fails_on_big_batches)
     logs = []

@@ -88,6 +88,12 @@ def test_the_preflight_verdict_reads_as_a_sentence():
     assert text.endswith("; 4-bit fits")
     text, fits = preflight_verdict(_report(False, None), "auto")
     assert not fits and "in any quantization" in text
+    split = _report(False, None)
+    split["recommended_split"] = "4bit"
+    split["estimates"][1]["split"] = {"shares": [{}, {}], "recommended_batch_tokens": 4096}
+    text, fits = preflight_verdict(split, "auto")
+    assert fits and text == ("fits split over 2 GPUs with 4-bit: needs 8.0 GiB, batch up to "
+                             "4096 tokens")
 
 
 def test_the_tokens_field_rejects_what_is_not_a_finite_count_without_raising():

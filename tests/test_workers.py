@@ -85,7 +85,7 @@ def test_a_job_without_room_waits_untouched_and_the_jobs_behind_it_start(queue, 
     def estimate(params, devices):
         assert [d.name for d in devices] == ["cuda:0"]  # the snapshot's GPUs
         estimated.append(params["model"])
-        return needs[params["model"]]
+        return needs[params["model"]], None
 
     monkeypatch.setattr(workers, "estimate_train_bytes", estimate)
     pool = Pool(queue, tmp_path, gpu_snapshot(free_gib=30))
@@ -107,7 +107,8 @@ def test_a_job_without_room_waits_untouched_and_the_jobs_behind_it_start(queue, 
 
 
 def test_a_job_bigger_than_any_gpu_fails_at_once(queue, tmp_path, monkeypatch):
-    monkeypatch.setattr(workers, "estimate_train_bytes", lambda params, devices: 100 * GiB)
+    monkeypatch.setattr(workers, "estimate_train_bytes",
+                        lambda params, devices: (100 * GiB, None))
     pool = Pool(queue, tmp_path, gpu_snapshot(free_gib=80))
     job = queue.submit("train", {"device": "auto", "model": "huge"}, "u")
     asyncio.run(pool.fill())
@@ -122,7 +123,7 @@ def test_a_cancel_while_the_job_is_placed_cancels_it(queue, tmp_path, monkeypatc
     def slow_estimate(params, devices):  # a config read from the hub, say
         placing.set()
         go_on.wait(10)
-        return 30 * GiB
+        return 30 * GiB, None
 
     monkeypatch.setattr(workers, "estimate_train_bytes", slow_estimate)
     pool = Pool(queue, tmp_path, gpu_snapshot(free_gib=30))
@@ -265,3 +266,14 @@ def test_the_limits_are_the_cores():
     TrainConfig(total_tokens=params["tokens"], batch_tokens=params["batch_tokens"],
                 lr=params["lr"])
     ExtractionConfig(context_size=params["context_size"])
+
+
+def test_a_worker_on_several_gpus_sees_them_first_placed_first():
+    from mistudiod.worker import _on_visible_gpus
+
+    env = {}
+    spec = _on_visible_gpus({"params": {"device": "cuda:3,cuda:1", "k": 4}}, env)
+    assert env == {"CUDA_VISIBLE_DEVICES": "3,1"}
+    assert spec["params"] == {"device": "auto", "k": 4}  # the loader splits over them
+    assert _on_visible_gpus({"params": {"device": "cuda:2,cuda:0"}}, env,
+                            device="cuda")["params"]["device"] == "cuda"  # torchrun's ranks

@@ -120,8 +120,11 @@ class SparseAutoencoder(nn.Module):
 
     # ----- training ----------------------------------------------------------------------------
 
-    def training_forward(self, x: torch.Tensor, dead_mask: torch.Tensor | None) -> TrainOutput:
-        """Loss and metrics on a batch already scaled by `input_scale`."""
+    def training_forward(self, x: torch.Tensor, dead_mask: torch.Tensor | None,
+                         total_variance: torch.Tensor | None = None) -> TrainOutput:
+        """Loss and metrics on a batch already scaled by `input_scale`. The FVU divides by the
+        batch's total variance, or by `total_variance` when given (a data-parallel rank's share
+        of the global batch's: see `Trainer`)."""
         x = x.to(self.W_dec.dtype)
         architecture = self.config.architecture
         if architecture in ("topk", "batchtopk"):
@@ -148,7 +151,9 @@ class SparseAutoencoder(nn.Module):
             l0 = active.sum() / x.shape[0]
         error = x - x_hat
         squared = _squared_norm(error)
-        total_variance = (x.var(0, correction=0).sum() * x.shape[0]).clamp_min(1e-12)
+        if total_variance is None:
+            total_variance = x.var(0, correction=0).sum() * x.shape[0]
+        total_variance = total_variance.clamp_min(1e-12)
         fvu = squared / total_variance
         mse = squared / x.shape[0]
         aux = self._aux_k_loss(x, error.detach(), dead_mask, total_variance)

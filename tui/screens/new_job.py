@@ -419,7 +419,8 @@ def preflight_verdict(report: dict, quantization: str) -> tuple[str, bool]:
     device = report["device"]
     where = (f"GPU {device['name'].split(':')[-1]}" if device["name"].startswith("cuda")
              else "the CPU")
-    chosen = quantization if quantization != "auto" else report.get("recommended_quantization")
+    chosen = quantization if quantization != "auto" else (
+        report.get("recommended_quantization") or report.get("recommended_split"))
     said = {"none": "no quantization", "8bit": "8-bit", "4bit": "4-bit"}
     estimate = next((e for e in report["estimates"] if e["quantization"] == chosen), None)
     if estimate is None:
@@ -430,6 +431,11 @@ def preflight_verdict(report: dict, quantization: str) -> tuple[str, bool]:
     if estimate["fits"]:
         return (f"fits on {where} with {said[chosen]}: {needs}, batch up to "
                 f"{estimate['recommended_batch_tokens']} tokens"), True
+    if estimate.get("split"):  # too big for one GPU: the loader spreads it over several
+        shares = estimate["split"]["shares"]
+        return (f"fits split over {len(shares)} GPUs with {said[chosen]}: needs "
+                f"{units.size(estimate['total_bytes'])}, batch up to "
+                f"{estimate['split']['recommended_batch_tokens']} tokens"), True
     better = report.get("recommended_quantization")
     advice = f"; {said[better]} fits" if better else ""
     return f"does not fit on {where} with {said[chosen]}: {needs}{advice}", False
