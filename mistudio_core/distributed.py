@@ -4,9 +4,12 @@ Launched by `torchrun` or `accelerate launch` (which set RANK, WORLD_SIZE, LOCAL
 rendezvous address), `mistudio train` runs one process per GPU (or per CPU process with the
 `gloo` backend), on one node or several:
 
-    torchrun --nproc-per-node 4 -m mistudiod.cli train --local --model M --hook H ...
+    torchrun --nproc-per-node 4 -m mistudiod.cli train --model M --hook H ...
     torchrun --nnodes 2 --node-rank R --nproc-per-node 8 --rdzv-endpoint HOST:29500 \\
-        -m mistudiod.cli train --local ...
+        -m mistudiod.cli train ...
+
+(Under torchrun the CLI runs in its own processes, no daemon and no `--local`, which torchrun's
+option parser would take for an abbreviation of its own.)
 
 - Data: the activation stream is cut into shuffle blocks of chunks (`ShuffledBatches`); rank r of
   W extracts and trains on the blocks r, r + W, r + 2W, ... and skips the others without running

@@ -245,11 +245,9 @@ class Trainer:
         if self.parallel is None:
             return None
         x = x.float()
-        moments = torch.cat([x.sum(0), (x * x).sum().reshape(1),
-                             torch.tensor([x.shape[0]], dtype=x.dtype, device=x.device)])
-        moments = self.parallel.sum_(moments)
-        total, squares, n = moments[:-2], moments[-2], moments[-1]
-        return (squares - total.square().sum() / n) / self.parallel.world
+        mean = self.parallel.mean_(x.mean(0))  # the ranks' batches are the same size
+        deviation = (x - mean).square().sum()  # about the global mean: no cancellation
+        return self.parallel.sum_(deviation) / self.parallel.world
 
     # ----- metrics -----------------------------------------------------------------------------
 
