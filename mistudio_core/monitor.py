@@ -38,7 +38,8 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
+import numbers
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -139,26 +140,15 @@ class Monitor:
             self.saes.append(_Attached(name, loaded, hook, {}))
         self.hooks = sorted({attached.hook for attached in self.saes})
         self.prepend_bos = any(a.loaded.metadata.prepend_bos for a in self.saes)
-        positions = getattr(model.config, "max_position_embeddings", None) or getattr(
-            model.config, "n_positions", None)
-        limits = [int(a.loaded.metadata.context_size) for a in self.saes]
-        self.max_tokens = min([*limits, *([int(positions)] if positions else [])])
+        self.max_tokens = context_limit(model, named.values())
         self._special = set(getattr(model.tokenizer, "all_special_ids", []) or [])
         self._last_logits = last_logits_only(model)
         self.reload_explanations()
 
     @classmethod
     def load(cls, model: ModelSpec, sae_dirs: Sequence[str | Path]) -> Monitor:
-        """Load the SAEs, check them against the model's config, then load the model (with its
-        LM head). The SAEs are named after their directories."""
-        loaded = {}
-        for directory in sae_dirs:
-            sae = load_sae(directory)
-            loaded[_unique(Path(directory).name or str(directory), loaded)] = sae
-        config = load_config(model)
-        for sae in loaded.values():
-            check_fits(sae, int(config.hidden_size), n_layers_of(config), model.model_id)
-        return cls(load_model(model, with_lm_head=True, config=config), loaded)
+        """A monitor of the model and SAEs `load_with_saes` loads."""
+        return cls(*load_with_saes(model, sae_dirs))
 
     @property
     def names(self) -> list[str]:
@@ -211,27 +201,9 @@ class Monitor:
         With `stop_at_eos` (the default) the end-of-text token ends the generation unreported;
         without, it is kept like any other. `cancelled()` is asked before each new token."""
         wanted = self._wanted(top, watch)
-        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or (
-                max_new_tokens < 1):
-            raise MistudioError(f"max_new_tokens must be a positive integer, got "
-                                f"{max_new_tokens!r}", hint="use 40", field="max_new_tokens")
-        if not isinstance(temperature, int | float) or not math.isfinite(temperature) or (
-                temperature < 0):
-            raise MistudioError(f"temperature must be a number >= 0, got {temperature!r}",
-                                hint="use 1.0 to sample, 0 for greedy", field="temperature")
-        if not isinstance(seed, int) or isinstance(seed, bool):
-            raise MistudioError(f"seed must be an integer, got {seed!r}", hint="use 0",
-                                field="seed")
-        if not self.model.has_lm_head:
-            raise MistudioError("this model was loaded without its LM head: it cannot generate",
-                                hint="load it with with_lm_head=True", field="model")
+        check_generation(self.model, max_new_tokens, temperature, seed)
         ids = self.token_ids(prompt, "prompt")
-        if len(ids) + max_new_tokens > self.max_tokens:
-            room = self.max_tokens - len(ids)
-            raise MistudioError(
-                f"the prompt ({len(ids)} tokens) and {max_new_tokens} new tokens exceed the "
-                f"{self.max_tokens}-token context", hint=f"ask for at most {room} new tokens "
-                "or shorten the prompt", field="max_new_tokens")
+        check_room(len(ids), max_new_tokens, self.max_tokens)
         generator = torch.Generator().manual_seed(seed)
         eos = self.model.tokenizer.eos_token_id
         prompt_tokens: list[TokenFeatures] = []
@@ -262,23 +234,7 @@ class Monitor:
 
     def token_ids(self, text: str, field_name: str = "text") -> list[int]:
         """The text's token ids as the model will see them (BOS first when the SAEs want it)."""
-        if not isinstance(text, str) or not text.strip():
-            raise MistudioError(f"the {field_name} is empty", hint="give some text",
-                                field=field_name)
-        tokenizer = self.model.tokenizer
-        ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
-        if self.prepend_bos:
-            bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else (
-                tokenizer.eos_token_id)
-            if bos is not None:
-                ids = [bos, *ids]
-        if len(ids) > self.max_tokens:
-            raise MistudioError(
-                f"the {field_name} is {len(ids)} tokens long, but at most {self.max_tokens} fit "
-                "(the SAEs' context size and the model's positions)",
-                hint=f"shorten the {field_name} to at most {self.max_tokens} tokens (split it)",
-                field=field_name)
-        return ids
+        return text_ids(self.model, text, self.prepend_bos, self.max_tokens, field_name)
 
     def _step(self, ids: list[int], cache, cached: int):
         """One forward pass over `ids` after the `cached` tokens in `cache`, keeping the cache.
@@ -315,12 +271,15 @@ class Monitor:
             if name not in widths:
                 raise MistudioError(f"no SAE {name!r} to watch features of",
                                     hint="one of " + ", ".join(widths), field="watch")
+            if not isinstance(ids, list | tuple):
+                raise MistudioError(f"the features watched on {name} must be a list of ids, "
+                                    f"not {ids!r}", hint='for example {"' + name + '": [7]}',
+                                    field="watch")
             if len(ids) > MAX_WATCHED:
                 raise MistudioError(f"{len(ids)} features watched on {name}; at most "
                                     f"{MAX_WATCHED}", hint="watch fewer features",
                                     field="watch")
-            bad = [i for i in ids if not isinstance(i, int) or isinstance(i, bool)
-                   or not 0 <= i < widths[name]]
+            bad = [i for i in ids if not is_whole(i) or not 0 <= i < widths[name]]
             if bad:
                 raise MistudioError(
                     f"cannot watch {bad[0]!r}: the SAE {name} has {widths[name]} features",
@@ -364,6 +323,94 @@ def _hits(attached: _Attached, values: list[list[float]], ids: list[list[int]], 
     return [FeatureHit(feature, value, attached.explanations.get(feature))
             for value, feature in zip(values[row], ids[row], strict=True)
             if value > 0 or not firing_only]
+
+
+def load_with_saes(model: ModelSpec,
+                   sae_dirs: Sequence[str | Path]) -> tuple[HookedModel, dict[str, LoadedSAE]]:
+    """Load the SAEs, check them against the model's config, then load the model (with its LM
+    head): what a monitor or a steering reads with. The SAEs are named after their directories
+    (made unique)."""
+    loaded: dict[str, LoadedSAE] = {}
+    for directory in sae_dirs:
+        loaded[_unique(Path(directory).name or str(directory), loaded)] = load_sae(directory)
+    config = load_config(model)
+    for sae in loaded.values():
+        check_fits(sae, int(config.hidden_size), n_layers_of(config), model.model_id)
+    return load_model(model, with_lm_head=True, config=config), loaded
+
+
+def context_limit(model: HookedModel, saes: Iterable[LoadedSAE]) -> int:
+    """The most tokens a text (a prompt and its new tokens) may have: the smallest context the
+    SAEs were trained on (past it their features are not what they were found to be) and the
+    model's number of positions."""
+    config = model.config
+    positions = getattr(config, "max_position_embeddings", None) or getattr(
+        config, "n_positions", None)
+    limits = [int(loaded.metadata.context_size) for loaded in saes
+              if loaded.metadata.context_size]
+    return min([*limits, *([int(positions)] if positions else [])] or [2**31])
+
+
+def text_ids(model: HookedModel, text: str, prepend_bos: bool, limit: int,
+             field_name: str) -> list[int]:
+    """`text`'s token ids as the model sees them (BOS first with `prepend_bos`), refused when
+    empty or longer than `limit`."""
+    if not isinstance(text, str) or not text.strip():
+        raise MistudioError(f"the {field_name} is empty", hint="give some text",
+                            field=field_name)
+    tokenizer = model.tokenizer
+    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+    if prepend_bos:
+        bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else (
+            tokenizer.eos_token_id)
+        if bos is not None:
+            ids = [bos, *ids]
+    if len(ids) > limit:
+        raise MistudioError(
+            f"the {field_name} is {len(ids)} tokens long, but at most {limit} fit "
+            "(the SAEs' context size and the model's positions)",
+            hint=f"shorten the {field_name} to at most {limit} tokens (split it)",
+            field=field_name)
+    return ids
+
+
+def check_generation(model: HookedModel, max_new_tokens, temperature, seed,
+                     top_k=None) -> None:
+    """Refuse generation settings that are not what `generate` and `steer` take."""
+    if not is_whole(max_new_tokens) or max_new_tokens < 1:
+        raise MistudioError(f"max_new_tokens must be a positive integer, got "
+                            f"{max_new_tokens!r}", hint="use 40", field="max_new_tokens")
+    if not is_number(temperature) or not math.isfinite(temperature) or temperature < 0:
+        raise MistudioError(f"temperature must be a number >= 0, got {temperature!r}",
+                            hint="use 1.0 to sample, 0 for greedy", field="temperature")
+    if not is_whole(seed):
+        raise MistudioError(f"seed must be an integer, got {seed!r}", hint="use 0",
+                            field="seed")
+    if top_k is not None and (not is_whole(top_k) or top_k < 1):
+        raise MistudioError(f"top_k must be a positive integer, got {top_k!r}",
+                            hint="leave it out to sample from the whole vocabulary",
+                            field="top_k")
+    if not model.has_lm_head:
+        raise MistudioError("this model was loaded without its LM head: it cannot generate",
+                            hint="load it with with_lm_head=True", field="model")
+
+
+def check_room(n_prompt: int, max_new_tokens: int, limit: int) -> None:
+    """Refuse a prompt of `n_prompt` tokens whose new tokens would run past `limit`."""
+    if n_prompt + max_new_tokens > limit:
+        raise MistudioError(
+            f"the prompt ({n_prompt} tokens) and {max_new_tokens} new tokens exceed the "
+            f"{limit}-token context",
+            hint=f"ask for at most {max(limit - n_prompt, 1)} new tokens or shorten the prompt",
+            field="max_new_tokens")
+
+
+def is_whole(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def check_fits(loaded: LoadedSAE, width: int, n_layers: int, model_id: str) -> HookPoint:
@@ -426,7 +473,7 @@ def _explanations(sae_dir: Path) -> dict[int, str]:
 
 
 def _check_top(top: int) -> None:
-    if not isinstance(top, int) or isinstance(top, bool) or top < 1:
+    if not is_whole(top) or top < 1:
         raise MistudioError(f"top must be an integer of at least 1, got {top!r}",
                             hint="use --top 5", field="top")
 

@@ -48,7 +48,6 @@ model, an `on_token` callback or a cancel) and KeyboardInterrupt.
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
@@ -59,7 +58,17 @@ from mistudio_core.errors import MistudioError
 from mistudio_core.feature_store import FeatureStore
 from mistudio_core.hooks import HookPoint
 from mistudio_core.models import HookedModel
-from mistudio_core.monitor import check_fits, last_logits_only, sample
+from mistudio_core.monitor import (
+    check_fits,
+    check_generation,
+    check_room,
+    context_limit,
+    is_number,
+    is_whole,
+    last_logits_only,
+    sample,
+    text_ids,
+)
 from mistudio_core.sae import LoadedSAE
 
 MODES = ("add", "clamp")
@@ -189,11 +198,7 @@ def steer(
     set) for bad input, before the model runs.
     """
     named = _named_saes(saes)
-    _check_settings(max_new_tokens, temperature, top_k)
-    if not model.has_lm_head:
-        raise MistudioError("steering needs the model's LM head, but it was loaded without it",
-                            hint="load it with load_model(spec, with_lm_head=True)",
-                            field="model")
+    check_generation(model, max_new_tokens, temperature, seed, top_k)
     resolved = [_resolve(model, named, steering) for steering in steerings]
     prompt_ids = _prompt_ids(model, named, resolved, prompt, max_new_tokens)
     run = _Run(_add_vectors(model, named, resolved, a_max_lookup), len(prompt_ids),
@@ -265,47 +270,25 @@ def _named_saes(saes) -> dict[str, LoadedSAE]:
     return named
 
 
-def _check_settings(max_new_tokens, temperature, top_k) -> None:
-    if not _is_int(max_new_tokens) or max_new_tokens < 1:
-        raise MistudioError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}",
-                            hint="use --max-new-tokens 40", field="max_new_tokens")
-    if not _is_real(temperature) or not math.isfinite(temperature) or temperature < 0:
-        raise MistudioError(f"temperature must be a number >= 0, got {temperature!r}",
-                            hint="use 1.0 to sample, 0 for greedy decoding",
-                            field="temperature")
-    if top_k is not None and (not _is_int(top_k) or top_k < 1):
-        raise MistudioError(f"top_k must be a positive integer, got {top_k!r}",
-                            hint="leave it out to sample from the whole vocabulary",
-                            field="top_k")
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _is_real(value) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
 def _resolve(model: HookedModel, named: dict[str, LoadedSAE],
              steering: Steering) -> ResolvedSteering:
     name = _sae_name(named, steering.sae)
     loaded = named[name]
     config = loaded.sae.config
     hook = check_fits(loaded, model.hidden_size, len(model.blocks), model.spec.model_id)
-    if not _is_int(steering.feature) or not 0 <= steering.feature < config.d_sae:
+    if not is_whole(steering.feature) or not 0 <= steering.feature < config.d_sae:
         raise MistudioError(
             f"feature {steering.feature!r} does not exist: the SAE {name} has {config.d_sae} "
             "features", hint=f"pick a feature from 0 to {config.d_sae - 1}",
             code="not_found", field="feature")
-    if not _is_real(steering.strength) or not math.isfinite(steering.strength):
+    if not is_number(steering.strength) or not math.isfinite(steering.strength):
         raise MistudioError(f"strength must be a finite number, got {steering.strength!r}",
                             hint="use e.g. --strength 4 (add) or --strength 0 (clamp)",
                             field="strength")
     if steering.mode not in MODES:
         raise MistudioError(f"unknown steering mode {steering.mode!r}",
                             hint="use add or clamp", field="mode")
-    if steering.a_max is not None and (not _is_real(steering.a_max)
+    if steering.a_max is not None and (not is_number(steering.a_max)
                                        or not math.isfinite(steering.a_max)
                                        or steering.a_max <= 0):
         raise MistudioError(f"a_max must be a positive number, got {steering.a_max!r}",
@@ -324,7 +307,7 @@ def _sae_name(named: dict[str, LoadedSAE], which: str | int | None) -> str:
             return next(iter(named))
         raise MistudioError(f"{len(named)} SAEs are loaded: say which one to steer with",
                             hint="one of " + ", ".join(named), field="sae")
-    if _is_int(which) and not isinstance(which, str):
+    if is_whole(which) and not isinstance(which, str):
         names = list(named)
         if 0 <= which < len(names):
             return names[which]
@@ -336,39 +319,14 @@ def _sae_name(named: dict[str, LoadedSAE], which: str | int | None) -> str:
 
 def _prompt_ids(model: HookedModel, named: dict[str, LoadedSAE],
                 resolved: list[ResolvedSteering], prompt: str, max_new_tokens: int) -> list[int]:
-    """The prompt's tokens, opened with BOS when an SAE was trained that way."""
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise MistudioError("the prompt is empty", hint="give a prompt to continue",
-                            field="prompt")
-    tokenizer = model.tokenizer
-    ids = tokenizer(prompt, add_special_tokens=False, verbose=False)["input_ids"]
+    """The prompt's tokens, opened with BOS when a steered SAE was trained that way; the prompt
+    and its new tokens must fit the steered SAEs' context and the model's positions."""
     used = [named[name] for name in dict.fromkeys(s.sae for s in resolved)] or list(
         named.values())
-    if any(loaded.metadata.prepend_bos for loaded in used):
-        bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else (
-            tokenizer.eos_token_id)
-        if bos is not None:
-            ids = [bos, *ids]
-    for loaded in used:
-        limit = loaded.metadata.context_size
-        if limit and len(ids) > limit:
-            raise MistudioError(
-                f"the prompt is {len(ids)} tokens long, but the SAE in {loaded.path} was "
-                f"trained on contexts of {limit}",
-                hint=f"shorten the prompt to at most {limit} tokens", field="prompt")
-    positions = getattr(model.config, "max_position_embeddings", None)
-    if isinstance(positions, int):
-        if len(ids) > positions:
-            raise MistudioError(
-                f"the prompt is {len(ids)} tokens long, but {model.spec.model_id} reads at most "
-                f"{positions}", hint=f"shorten the prompt to at most {positions} tokens",
-                field="prompt")
-        if len(ids) + max_new_tokens > positions:
-            raise MistudioError(
-                f"{len(ids)} prompt tokens + {max_new_tokens} new ones exceed the "
-                f"{positions} positions of {model.spec.model_id}",
-                hint=f"use --max-new-tokens {max(positions - len(ids), 1)} or a shorter prompt",
-                field="max_new_tokens")
+    limit = context_limit(model, used)
+    ids = text_ids(model, prompt, any(loaded.metadata.prepend_bos for loaded in used), limit,
+                   "prompt")
+    check_room(len(ids), max_new_tokens, limit)
     return ids
 
 

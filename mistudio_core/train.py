@@ -145,10 +145,6 @@ class Trainer:
         train_together([self], self.batches, resume)
         return self.sae
 
-    @property
-    def done(self) -> bool:
-        return self.step >= self.config.total_steps
-
     def start(self, resume: bool) -> None:
         """Resume from the checkpoint in `run_dir` (with `resume`, when there is one), or start
         afresh."""

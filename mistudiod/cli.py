@@ -451,18 +451,12 @@ def _steer(args, _progress) -> dict:
 
     try:
         if args.local:
-            from mistudio_core.models import load_config, load_model, n_layers_of
-            from mistudio_core.monitor import check_fits
-            from mistudio_core.sae import load_sae
+            from mistudio_core.monitor import load_with_saes
             from mistudiod.sessions import run_steer
 
-            loaded = load_sae(sae_dir)
-            spec = _spec(args)
-            config = load_config(spec)
-            check_fits(loaded, int(config.hidden_size), n_layers_of(config), spec.model_id)
-            model = load_model(spec, with_lm_head=True, config=config)
-            document = run_steer(model, {Path(sae_dir).name or sae_dir: loaded},
-                                 on_token=lambda side, text, _: stream(side, text), **request)
+            model, saes = load_with_saes(_spec(args), [sae_dir])
+            document = run_steer(model, saes, on_token=lambda side, text, _: stream(side, text),
+                                 **request)
         else:
             _, document = _in_session(args, [sae_dir], "session.steer", request,
                                       lambda event: stream(event["side"], event["token"]))

@@ -19,14 +19,14 @@ def features_table(document: dict, offset: int, sort: str) -> str:
     width = _line_width()
     if "results" in document:  # --semantic
         lines = [f"{'ID':>6}  {'MATCH':>6}  EXPLANATION"]
-        lines += [_clip(f"{r['id']:>6}  {r['score']:>6.3f}  {_one_line(r['explanation'])}", width)
+        lines += [_clip(f"{r['id']:>6}  {r['score']:>6.3f}  {one_line(r['explanation'])}", width)
                   for r in document["results"]]
         return "\n".join(lines if document["results"] else ["no explanation matches"])
     rows = document["features"]
     lines = [f"{'ID':>6}  {'DENSITY':>8}  {'MAX':>7}  {'MEAN':>7}  {'SCORE':>6}  EXPLANATION"]
     for row in rows:
         score = "-" if row["score"] is None else f"{row['score']:.3f}"
-        explanation = _one_line(row["explanation"]) if row["explanation"] else "-"
+        explanation = one_line(row["explanation"]) if row["explanation"] else "-"
         lines.append(_clip(f"{row['id']:>6}  {_percent(row['density']):>8}  "
                            f"{row['max_act']:>7.3g}  {row['mean_act']:>7.3g}  {score:>6}  "
                            f"{explanation}", width))
@@ -42,17 +42,17 @@ def feature_card(card: dict) -> str:
     """`mistudio feature`: everything about one feature (`FeatureStore.card`), as text."""
     mark = _marker()
     lines = [_statistics_line(card)]
-    lines += _section("explanations", [f"{e['explainer']}: {_one_line(e['text'])}"
+    lines += _section("explanations", [f"{e['explainer']}: {one_line(e['text'])}"
                                        for e in card["explanations"]])
     lines += _section("scores", [f"{s['scorer']} of {s['explainer']}: "
                                  + ("-" if s["value"] is None else f"{s['value']:.3f}")
                                  for s in card["scores"]])
     lines += _section("top examples", [f"{e['value']:>8.3f}  "
-                                       f"{_one_line(Example(**e).marked_text(0.0, *mark))}"
+                                       f"{one_line(Example(**e).marked_text(0.0, *mark))}"
                                        for e in card["top"]])
     lines += _section("across the activation range (one example per quantile group)", [
         f"{g['group'] + 1:>2} {g['low']:>8.3g} - {g['high']:<8.3g} "
-        + (_one_line(Example(**g["examples"][0]).marked_text(0.0, *mark))
+        + (one_line(Example(**g["examples"][0]).marked_text(0.0, *mark))
            if g["examples"] else "-") for g in card["quantiles"]])
     lines += _section("activation histogram", _histogram_rows(card["histogram"]))
     logits = card["logits"]
@@ -63,7 +63,7 @@ def feature_card(card: dict) -> str:
     for key, title in (("similar", "similar features (decoder cosine)"),
                        ("cooccurring", "co-occurring features (Jaccard)")):
         lines += _section(title, [f"#{n['id']:<6} {n['value']:.3f}  "
-                                  + _one_line(n["explanation"] or "-") for n in card[key]])
+                                  + one_line(n["explanation"] or "-") for n in card[key]])
     return "\n".join(lines)
 
 
@@ -103,7 +103,8 @@ def _marker() -> tuple[str, str]:
     return "«", "»"
 
 
-def _one_line(text: str | None) -> str:
+def one_line(text: str | None) -> str:
+    """`text` on one line: line breaks drawn as ⏎."""
     return (text or "").replace("\r", "").replace("\n", "⏎")
 
 

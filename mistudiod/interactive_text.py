@@ -13,6 +13,8 @@ import shutil
 import textwrap
 from itertools import zip_longest
 
+from mistudiod.feature_text import one_line
+
 EXPLANATION_CHARS = 32  # how much of an explanation a monitor line shows
 SIDE_BY_SIDE_MIN = 72  # the narrowest terminal that gets two columns
 TOKEN_CHARS = 14
@@ -39,7 +41,7 @@ def monitor_text(document: dict, skip: int = 0) -> str:
     if document.get("mode") == "generate":
         generated = sum(1 for token in document["tokens"] if token["generated"])
         lines.append(f"generated ({generated} tokens, + above, stopped at "
-                     f"{document['stopped']}): {_one_line(document['text'])}")
+                     f"{document['stopped']}): {one_line(document['text'])}")
     if not document["tokens"]:
         lines.append("no tokens to report")
     return "\n".join(lines)
@@ -52,9 +54,9 @@ def steer_text(document: dict, width: int | None = None) -> str:
     steerings = document["steerings"]
     described = ", ".join(_steering(s) for s in steerings)
     titles = ("baseline", f"steered ({described})")
-    texts = [_one_line(document["prompt"]) + " ▸ " + _one_line(document[side]["text"])
+    texts = [one_line(document["prompt"]) + " ▸ " + one_line(document[side]["text"])
              for side in ("baseline", "steered")]
-    lines = [f"prompt: {_one_line(document['prompt'])} ({document['prompt_tokens']} tokens), "
+    lines = [f"prompt: {one_line(document['prompt'])} ({document['prompt_tokens']} tokens), "
              f"seed {document['seed']}, temperature {document['temperature']:g}"
              + (" (cancelled)" if document.get("cancelled") else ""), ""]
     if width >= SIDE_BY_SIDE_MIN:
@@ -79,7 +81,7 @@ def steer_text(document: dict, width: int | None = None) -> str:
 
 def _hit(hit: dict) -> str:
     text = f"{hit['id']}:{hit['activation']:.3g}"
-    explanation = _one_line(hit.get("explanation"))
+    explanation = one_line(hit.get("explanation"))
     if explanation:
         if len(explanation) > EXPLANATION_CHARS:
             explanation = explanation[:EXPLANATION_CHARS - 1] + "…"
@@ -101,7 +103,3 @@ def _wrap(text: str, width: int) -> list[str]:
 
 def _number(value: float | None) -> str:
     return "-" if value is None else f"{value:.3g}"
-
-
-def _one_line(text: str | None) -> str:
-    return (text or "").replace("\r", "").replace("\n", "⏎")

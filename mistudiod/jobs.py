@@ -10,6 +10,7 @@ with it and only workers pay for torch.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 from mistudiod.schema import Field, Schema
@@ -184,8 +185,16 @@ def _start(kind: str, callback: Callback, total: int, description: str) -> None:
 
 def _train(params: dict, callback: Callback, resume: bool, token: str | None) -> dict:
     from mistudio_core.activations import ExtractionConfig
+    from mistudio_core.errors import MistudioError
     from mistudio_core.runs import TrainJob, train_sae
     from mistudio_core.train import TrainConfig
+
+    if params["gpus"] > 1 and "WORLD_SIZE" not in os.environ:  # the daemon's worker sets it
+        raise MistudioError(
+            f"--gpus {params['gpus']} starts that many processes through the daemon; this "
+            "process would train alone",
+            hint=f"leave out --local, or run `torchrun --nproc-per-node {params['gpus']} -m "
+                 "mistudiod.cli train ...` (without --gpus)", field="gpus")
 
     train_config = TrainConfig(
         total_tokens=params["tokens"], batch_tokens=params["batch_tokens"], lr=params["lr"],

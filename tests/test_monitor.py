@@ -134,7 +134,7 @@ def test_watched_features_are_reported_on_every_token(hooked, one_token, text_id
     generation = monitor.generate(TEXT, max_new_tokens=2, watch={"one": [0]})
     assert all(len(t.watched["one"]) == 1 for t in generation.prompt_tokens + generation.tokens)
     for watch, message in (({"two": [0]}, "no SAE 'two'"), ({"one": [4]}, "has 4 features"),
-                           ({"one": [True]}, "cannot watch True")):
+                           ({"one": [True]}, "cannot watch True"), ({"one": 3}, "list of ids")):
         with pytest.raises(MistudioError, match=message) as caught:
             monitor.read(TEXT, watch=watch)
         assert caught.value.field == "watch"

@@ -114,3 +114,13 @@ def test_hook_lists_and_sweeps_are_checked():
         assert caught.value.field == "sweep"
     with pytest.raises(MistudioError, match="unknown hook"):
         parse_hooks("layers.*.everything", 2)
+
+
+def test_gpus_in_this_process_is_refused_with_the_way_to_run_it(gpt2_dir, tiny_corpus, tmp_path,
+                                                                capsys):
+    status = main(["train", "--model", str(gpt2_dir), "--hook", "layers.0.resid_post",
+                   "--corpus", str(tiny_corpus), "--out", str(tmp_path / "x"), "--gpus", "2",
+                   "--local"])
+    error = capsys.readouterr().err
+    assert status == 2 and "torchrun --nproc-per-node 2" in error
+    assert not (tmp_path / "x").exists()
